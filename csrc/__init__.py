@@ -1,0 +1,1 @@
+"""CUDA sources of the fastdd extension (built by fastdd._ext)."""

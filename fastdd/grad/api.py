@@ -1,0 +1,222 @@
+"""Public per-sample gradient functions and the in-loop context manager."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .engine import LossFn, _Capture, _Engine, select_params
+
+
+def _as_tuple(inputs) -> tuple:
+    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+
+
+def _batch_of(inputs: tuple) -> int:
+    first = inputs[0] if inputs else None
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise ValueError("inputs must be a tensor [B, ...] (or a tuple whose first item is one)")
+    return first.shape[0]
+
+
+def _per_sample_losses(loss_fn: LossFn | None, outputs, targets, B: int) -> torch.Tensor:
+    if loss_fn is None:
+        if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+            shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+            raise ValueError(
+                f"the default loss is cross-entropy over logits [B, C], but the model returned {shape}; "
+                "pass loss_fn(outputs, targets) returning per-sample losses [B]")
+        losses = F.cross_entropy(outputs, targets, reduction="none")
+    else:
+        losses = loss_fn(outputs, targets)
+    if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (B,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(
+            f"loss_fn must return per-sample losses of shape [B] = [{B}], got {shape} "
+            "(use reduction='none', and reduce any other dims per sample)")
+    return losses
+
+
+def _capture_backward(model, inputs, targets, loss_fn, params) -> _Engine:
+    inputs = _as_tuple(inputs)
+    B = _batch_of(inputs)
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a tensor [B, ...], got {type(targets).__name__}")
+    if targets.dim() == 0 or targets.shape[0] != B:
+        raise ValueError(
+            f"inputs and targets must have the same batch size: inputs have {B}, "
+            f"targets have shape {tuple(targets.shape)}")
+    selected = select_params(model, params)
+    with _Capture(model, selected, grad_hooks=False) as cap, torch.enable_grad():
+        cap.check_batch_statistics()
+        outputs = model(*inputs)
+        losses = _per_sample_losses(loss_fn, outputs, targets, B)
+        cap.backward(losses.sum())
+    return _Engine(cap)
+
+
+def per_sample_grads(model: nn.Module, inputs, targets: torch.Tensor, loss_fn: LossFn | None = None,
+                     params: Iterable[str] | None = None, chunk_size: int | None = None,
+                     out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Gradient of each sample's own loss, for every selected parameter.
+
+    Args:
+        model: any ``nn.Module``; Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm,
+            InstanceNorm and eval-mode BatchNorm have hand-written rules, anything else
+            falls back to ``torch.func`` with the same answer.
+        inputs: ``[B, ...]`` (or a tuple of model arguments whose first is ``[B, ...]``).
+        targets: ``[B, ...]``.
+        loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses; default
+            cross-entropy with ``reduction="none"``.
+        params: names of the parameters to differentiate (default: all trainable).
+        chunk_size: samples per chunk where a fallback or a reduction needs temporaries.
+        out: optional buffers ``{name: [B, *shape]}`` to write into (reused across calls).
+
+    Returns:
+        ``{name: Tensor[B, *param.shape]}``.
+
+    >>> model = nn.Linear(4, 3)
+    >>> g = per_sample_grads(model, torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    >>> g["weight"].shape
+    torch.Size([8, 3, 4])
+    """
+    return _capture_backward(model, inputs, targets, loss_fn, params).grads(out)
+
+
+def per_sample_grad_norms(model: nn.Module, inputs, targets: torch.Tensor, loss_fn: LossFn | None = None,
+                          params: Iterable[str] | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """L2 norm ``[B]`` (fp32) of each sample's gradient over the selected parameters.
+
+    Layers with rules never materialize per-sample gradients: ``||a_i|| ||g_i||`` for
+    Linear on ``[B, d]``; for sequences ``<A A^T, G G^T>`` or a chunked materialization,
+    whichever costs fewer flops per layer. Arguments as in :func:`per_sample_grads`.
+    """
+    return _capture_backward(model, inputs, targets, loss_fn, params).sq_norms(chunk_size).sqrt()
+
+
+def _check_vectors(model: nn.Module, vectors: dict[str, torch.Tensor]) -> int:
+    if not isinstance(vectors, dict) or not vectors:
+        raise ValueError("vectors must be a non-empty dict {param name: Tensor[K, *param.shape]}")
+    named = dict(model.named_parameters())
+    K = None
+    for name, v in vectors.items():
+        if name not in named:
+            raise ValueError(f"vectors[{name!r}]: the model has no parameter {name!r}")
+        shape = tuple(named[name].shape)
+        if not isinstance(v, torch.Tensor) or tuple(v.shape[1:]) != shape:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"vectors[{name!r}] must be [K, {', '.join(map(str, shape))}], got {got}")
+        if K is None:
+            K = v.shape[0]
+        elif v.shape[0] != K:
+            raise ValueError(f"every vector needs the same K: vectors[{name!r}] has {v.shape[0]}, others {K}")
+    return K
+
+
+def per_sample_grad_dots(model: nn.Module, inputs, targets: torch.Tensor, vectors: dict[str, torch.Tensor],
+                         loss_fn: LossFn | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """Dot products ``[B, K]`` (fp32) of each sample's gradient with K parameter-shaped vectors.
+
+    ``vectors = {name: Tensor[K, *param.shape]}`` selects the parameters; the result is
+    ``sum over names of <grad_i[name], vectors[name][k]>`` and per-sample gradients are
+    never materialized for Linear (``sum_t g_t^T V_k a_t``), Conv and Embedding layers.
+    This is what influence scores and TracIn consume.
+    """
+    _check_vectors(model, vectors)
+    engine = _capture_backward(model, inputs, targets, loss_fn, list(vectors))
+    return engine.dots(vectors, chunk_size)
+
+
+def classwise_grads(model: nn.Module, inputs, targets: torch.Tensor, num_classes: int,
+                    loss_fn: LossFn | None = None, params: Iterable[str] | None = None,
+                    labels: torch.Tensor | None = None, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Mean gradient of each class: ``{name: Tensor[C, *param.shape]}`` (fp32).
+
+    ``labels`` (default: ``targets``) gives each sample's class in ``[0, num_classes)``; a
+    class without samples gets zeros. One forward and backward; Linear and Conv layers
+    reduce each class with one GEMM, never holding ``[B, *shape]``.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    labels = targets if labels is None else labels
+    if labels.dim() != 1 or labels.dtype.is_floating_point:
+        raise ValueError(f"labels must be integer class indices [B], got {labels.dtype} {tuple(labels.shape)}")
+    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+    engine = _capture_backward(model, inputs, targets, loss_fn, params)
+    if labels.shape[0] != engine.batch_size:
+        raise ValueError(f"labels has {labels.shape[0]} entries for a batch of {engine.batch_size}")
+    labels = labels.to(next(iter(engine.selected.values())).device)
+    sums = engine.class_sums(labels, num_classes, chunk_size)
+    counts = torch.bincount(labels, minlength=num_classes).clamp_min(1).float()
+    return {n: t / counts.view(-1, *[1] * (t.dim() - 1)) for n, t in sums.items()}
+
+
+class PerSampleGrads:
+    """Per-sample statistics from the backward of a user's own training step.
+
+    Hooks record activations in each forward and output gradients in each backward;
+    ``norms()``, ``grads()`` and ``dots(vectors)`` then use that same pass, so the
+    optimizer step and the statistics share one forward and backward::
+
+        with fastdd.PerSampleGrads(model, loss_reduction="mean") as ps:
+            for x, y in loader:
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)   # mean over the batch
+                loss.backward()
+                norms = ps.norms()                     # [B]: each sample's own-loss gradient norm
+                opt.step()
+
+    ``loss_reduction`` says how the loss reduced its per-sample terms: ``"mean"``
+    (gradients are scaled by B to undo the 1/B) or ``"sum"``. A loss that scales
+    samples otherwise scales the statistics alike. A forward after a backward starts
+    a new step; ``clear()`` forgets the recorded step. Parameters served by the
+    ``torch.func`` fallback re-run their module per sample, with fresh dropout masks
+    in training mode. Hooks are removed on exit; ``.grad`` is the user's as usual.
+    """
+
+    def __init__(self, model: nn.Module, loss_reduction: str = "mean", params: Iterable[str] | None = None,
+                 chunk_size: int | None = None):
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.model = model
+        self.loss_reduction = loss_reduction
+        self.chunk_size = chunk_size
+        self._capture = _Capture(model, select_params(model, params), grad_hooks=True)
+        self._entered = False
+
+    def __enter__(self):
+        self._capture.__enter__()
+        self._entered = True
+        return self
+
+    def __exit__(self, *exc):
+        self._entered = False
+        self._capture.__exit__(*exc)
+        self._capture.clear()
+        return False
+
+    def clear(self) -> None:
+        """Forget the recorded forward(s) and backward."""
+        self._capture.clear()
+
+    def _engine(self) -> _Engine:
+        if not self._entered:
+            raise RuntimeError("use PerSampleGrads as a context manager around the forward and backward")
+        return _Engine(self._capture, scale_by_batch=self.loss_reduction == "mean")
+
+    def grads(self, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """``{name: [B, *shape]}`` per-sample gradients of the last step."""
+        return self._engine().grads(out)
+
+    def norms(self) -> torch.Tensor:
+        """``[B]`` per-sample gradient norms of the last step (fp32)."""
+        return self._engine().sq_norms(self.chunk_size).sqrt()
+
+    def dots(self, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, K]`` dots of the last step's per-sample gradients with ``vectors``."""
+        _check_vectors(self.model, vectors)
+        return self._engine().dots(vectors, self.chunk_size)

@@ -1,0 +1,525 @@
+"""The per-sample gradient engine (DESIGN.md section 4).
+
+One ordinary forward and backward with module hooks captures, for every call of a
+module that owns selected parameters, its inputs and the gradient of the summed
+per-sample losses with respect to its outputs (the gradient edge captured at forward
+time, so later in-place ops do not disturb it). Each parameter is then served by:
+
+- the hand-written rule of its module (``rules.py``), when it has one;
+- ``torch.func`` otherwise: ``vmap`` over samples of a ``vjp`` through that module's
+  own forward (``functional_call``), with the captured output gradient;
+- the same ``vmap``/``vjp`` through the whole model, when the parameter is also used
+  outside the forward of the module that owns it (tied weights used directly, say).
+  A walk over the autograd graph counts each parameter's uses to find these.
+
+The model is left as it was: hooks removed, ``.grad`` untouched, train/eval mode kept.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .._chunking import chunks, rows_per_chunk
+from .rules import Rule, rule_for, uses_batch_statistics
+
+
+# --------------------------------------------------------------------------- capture
+@dataclass(eq=False)
+class _Call:
+    """One call of a hooked module during the captured forward."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    batch_size: int
+    out_leaves: list  # the differentiable output tensors' positions in the flattened output
+    edges: list  # GradientEdge of each differentiable output
+    grads: list = field(default_factory=list)  # gradient at each edge (None: no gradient flowed)
+    root_call: int = 0  # index of the root call this call belongs to
+    out_shapes: list = field(default_factory=list)  # shape of each differentiable output
+    input_nodes: set = field(default_factory=set)  # autograd nodes that produced the inputs (fallback modules)
+
+    @property
+    def x(self) -> torch.Tensor:
+        return self.args[0]
+
+    @property
+    def g(self) -> torch.Tensor | None:
+        return self.grads[0] if self.grads else None
+
+
+def _batch_size(args, kwargs) -> int | None:
+    for leaf in tree_flatten((args, kwargs))[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return None
+
+
+def _count_param_uses(roots: Iterable, stop: set, params: dict[int, str]) -> Counter:
+    """How many graph edges reach each tracked parameter's AccumulateGrad from ``roots``.
+
+    Walks ``next_functions`` without entering nodes in ``stop``; every use of a
+    parameter by an op is one edge into its AccumulateGrad node.
+    """
+    uses: Counter = Counter()
+    seen = set()
+    stack = [n for n in roots if n is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:
+                if id(var) in params:
+                    uses[params[id(var)]] += 1
+            else:
+                stack.append(nxt)
+    return uses
+
+
+class _Capture:
+    """Hooks on a model that record module calls and their output gradients."""
+
+    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], grad_hooks: bool):
+        self.model = model
+        self.selected = selected  # full name -> parameter
+        self.grad_hooks = grad_hooks  # context mode: collect G with node pre-hooks
+        self.active = True
+        self.calls: list[_Call] = []
+        self.root_calls: list[_Call] = []
+        self.orphans: list[set[str]] = []  # per root call: names used outside their owners
+        self.backward_seen = False
+        self._handles = []
+        # Owners: every (module, local name) holding a selected parameter, ties included.
+        self.owned: dict[nn.Module, dict[str, str]] = {}
+        self.module_names: dict[nn.Module, str] = {}
+        by_id = {id(p): n for n, p in selected.items()}
+        for mname, m in model.named_modules(remove_duplicate=False):
+            self.module_names.setdefault(m, mname)
+            for local, p in m.named_parameters(recurse=False, remove_duplicate=False):
+                if id(p) in by_id:
+                    self.owned.setdefault(m, {})[local] = by_id[id(p)]
+        self.param_ids = by_id
+        self.rules = {m: rule_for(m) for m in self.owned}
+        self.batch_stat_modules = [
+            (n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+
+    def __enter__(self):
+        for m in self.owned:
+            if m is not self.model:
+                self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
+        self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        return False
+
+    # -- hooks
+    def check_batch_statistics(self):
+        for name, m in self.batch_stat_modules:
+            if uses_batch_statistics(m):
+                raise ValueError(
+                    f"{type(m).__name__} '{name}' normalizes with batch statistics "
+                    f"({'training mode' if m.training else 'track_running_stats=False'}): "
+                    "samples interact, so per-sample gradients are undefined; call model.eval() "
+                    "or use GroupNorm/LayerNorm instead"
+                )
+
+    def _root_pre_hook(self, module, args):
+        if not (self.active and torch.is_grad_enabled()):
+            return
+        self.check_batch_statistics()
+        if self.backward_seen:  # a new step in the user's loop: forget the last one
+            self.clear()
+
+    def clear(self):
+        self.calls.clear()
+        self.root_calls.clear()
+        self.orphans.clear()
+        self.backward_seen = False
+
+    def _record(self, module, args, kwargs, output) -> _Call | None:
+        if not (self.active and torch.is_grad_enabled()):
+            return None
+        B = _batch_size(args, kwargs)
+        leaves = tree_flatten(output)[0]
+        pos = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if B is None or not pos:
+            return None
+        detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        input_nodes = set()
+        if self.rules.get(module) is None:
+            for leaf in tree_flatten((args, kwargs))[0]:
+                if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
+                    input_nodes.add(get_gradient_edge(leaf).node)
+        call = _Call(
+            module=module,
+            args=tuple(detach(a) for a in args),
+            kwargs={k: detach(v) for k, v in kwargs.items()},
+            batch_size=B,
+            out_leaves=pos,
+            edges=[get_gradient_edge(leaves[i]) for i in pos],
+            root_call=len(self.root_calls),
+            out_shapes=[leaves[i].shape for i in pos],
+            input_nodes=input_nodes,
+        )
+        call.grads = [None] * len(pos)
+        if self.grad_hooks:
+            for j, edge in enumerate(call.edges):
+                edge.node.register_prehook(self._grad_catcher(call, j, edge.output_nr))
+        self.calls.append(call)
+        return call
+
+    def _grad_catcher(self, call, j, output_nr):
+        def hook(grad_outputs):
+            call.grads[j] = grad_outputs[output_nr]
+            self.backward_seen = True
+
+        return hook
+
+    def _hook(self, module, args, kwargs, output):
+        self._record(module, args, kwargs, output)
+
+    def _root_hook(self, module, args, kwargs, output):
+        call = self._record(module, args, kwargs, output)
+        if call is None:
+            return
+        call.root_call = len(self.root_calls)
+        self.root_calls.append(call)
+        self.orphans.append(self._find_orphans(call))
+
+    def _find_orphans(self, root: _Call) -> set[str]:
+        """Selected parameters with uses outside the hooked calls of their owners."""
+        mine = [c for c in self.calls if c.root_call == root.root_call]
+        total = _count_param_uses([e.node for e in root.edges], set(), self.param_ids)
+        accounted: Counter = Counter()
+        for c in mine:
+            names = self.owned.get(c.module)
+            if not names:
+                continue
+            if self.rules.get(c.module) is not None:  # a rule module uses each parameter once
+                accounted.update(set(names.values()))
+            else:
+                inside = _count_param_uses([e.node for e in c.edges], c.input_nodes, self.param_ids)
+                accounted.update({n: inside[n] for n in set(names.values())})
+        return {n for n, k in total.items() if k > accounted[n]}
+
+    # -- backward (functional API)
+    def backward(self, loss: torch.Tensor):
+        edges = [e for c in self.calls for e in c.edges]
+        grads = torch.autograd.grad(loss, edges, allow_unused=True)
+        it = iter(grads)
+        for c in self.calls:
+            c.grads = [next(it) for _ in c.edges]
+        self.backward_seen = True
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Hooks off: the fallback's functional calls must not be recorded."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+
+
+# --------------------------------------------------------------------------- sources
+class _RuleSource:
+    """Parameters of one call of a module with a hand-written rule."""
+
+    def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor):
+        self.call, self.rule, self.names, self.g = call, rule, names, g  # names: local -> full
+
+    def _pick(self, res: dict) -> dict:
+        return {self.names[k]: v for k, v in res.items() if k in self.names}
+
+    def materialize(self, s=slice(None), out=None):
+        local_out = None if out is None else {k: out[f] for k, f in self.names.items() if f in out}
+        return self._pick(self.rule.materialize(self.call.module, self.call.x[s], self.g[s], out=local_out))
+
+    def sq_norms(self, chunk_size):
+        return self._pick(self.rule.sq_norms(self.call.module, self.call.x, self.g, chunk_size))
+
+    def dots(self, vectors, chunk_size):
+        local = {k: vectors[f] for k, f in self.names.items() if f in vectors}
+        return self.rule.dots(self.call.module, self.call.x, self.g, local, chunk_size)
+
+    def class_sums(self, labels, num_classes, chunk_size):
+        return self._pick(self.rule.class_sums(self.call.module, self.call.x, self.g, labels, num_classes, chunk_size))
+
+
+class _FuncSource:
+    """Parameters served by torch.func: vmap over samples of a vjp through a module's forward.
+
+    ``names`` maps names relative to the call's module (local names, or dotted paths when
+    the module is the root) to full names.
+    """
+
+    def __init__(self, call: _Call, names: dict[str, str], params: dict[str, torch.Tensor],
+                 grads: list, capture: _Capture, module_name: str):
+        self.call, self.names, self.capture = call, names, capture
+        self.params = {rel: params[full].detach() for rel, full in names.items()}
+        B = call.batch_size
+        for shape in call.out_shapes:
+            if len(shape) == 0 or shape[0] != B:
+                raise ValueError(
+                    f"module '{module_name}' ({type(call.module).__name__}) has no hand-written rule and "
+                    f"returns an output of shape {tuple(shape)} without the batch dimension {B}: "
+                    "its parameters' per-sample gradients cannot be separated"
+                )
+        self.grads = [torch.zeros(s, dtype=self.any_dtype(), device=self.any_device()) if g is None else g
+                      for g, s in zip(grads, call.out_shapes)]
+        leaves, self.spec = tree_flatten((call.args, call.kwargs))
+        self.leaves = leaves
+        self.batched = [i for i, t in enumerate(leaves)
+                        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B]
+
+    def any_dtype(self):
+        return next(iter(self.params.values())).dtype
+
+    def any_device(self):
+        return next(iter(self.params.values())).device
+
+    def materialize(self, s=slice(None), out=None):
+        call, spec, leaves, batched = self.call, self.spec, self.leaves, self.batched
+        module = call.module
+
+        def one_sample(params, xs, gs):
+            full = list(leaves)
+            for i, v in zip(batched, xs):
+                full[i] = v.unsqueeze(0)
+            args, kwargs = tree_unflatten(full, spec)
+
+            def forward(p):
+                outs = tree_flatten(torch.func.functional_call(module, p, args, kwargs))[0]
+                return tuple(outs[i] for i in call.out_leaves)
+
+            _, pull = torch.func.vjp(forward, params)
+            return pull(tuple(g.unsqueeze(0) for g in gs))[0]
+
+        with self.capture.paused(), _parameters_restored(module):
+            res = torch.func.vmap(one_sample, in_dims=(None, 0, 0), randomness="different")(
+                self.params, [leaves[i][s] for i in batched], [g[s] for g in self.grads]
+            )
+        return {self.names[k]: v for k, v in res.items()}
+
+    def _chunks(self, chunk_size):
+        numel = sum(p.numel() for p in self.params.values())
+        return chunks(self.call.batch_size, rows_per_chunk(self.call.batch_size, 12 * numel, chunk_size))
+
+    def sq_norms(self, chunk_size):
+        out = {}
+        for s in self._chunks(chunk_size):
+            for name, grad in self.materialize(s).items():
+                out.setdefault(name, []).append(grad.flatten(1).float().square().sum(1))
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def dots(self, vectors, chunk_size):
+        parts = []
+        for s in self._chunks(chunk_size):
+            grads = self.materialize(s)
+            parts.append(sum(grads[f].flatten(1).float() @ vectors[f].flatten(1).float().T
+                             for f in grads if f in vectors))
+        return torch.cat(parts)
+
+    def class_sums(self, labels, num_classes, chunk_size):
+        out = {}
+        for s in self._chunks(chunk_size):
+            for name, grad in self.materialize(s).items():
+                if name not in out:
+                    out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=torch.float32)
+                out[name].index_add_(0, labels[s], grad.float())
+        return out
+
+
+@contextlib.contextmanager
+def _parameters_restored(module: nn.Module):
+    """Put every parameter back afterwards: torch's functional_call can leave a plain
+    tensor in place of a Parameter when one submodule appears at two paths."""
+    saved = [(m, n, p) for m in module.modules() for n, p in m._parameters.items()]
+    try:
+        yield
+    finally:
+        for m, n, p in saved:
+            if m._parameters.get(n) is not p:
+                m._parameters[n] = p
+
+
+# --------------------------------------------------------------------------- the engine
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def select_params(model: nn.Module, params: Iterable[str] | None) -> dict[str, nn.Parameter]:
+    """Named trainable parameters of ``model``, all of them or those named in ``params``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    named = dict(model.named_parameters())
+    if params is None:
+        selected = {n: p for n, p in named.items() if p.requires_grad}
+    else:
+        if isinstance(params, str):
+            params = [params]
+        params = list(params)
+        missing = [n for n in params if n not in named]
+        if missing:
+            known = ", ".join(list(named)[:8]) + (", ..." if len(named) > 8 else "")
+            raise ValueError(f"params names {missing} are not parameters of the model; it has: {known}")
+        frozen = [n for n in params if not named[n].requires_grad]
+        if frozen:
+            raise ValueError(f"params {frozen} have requires_grad=False; per-sample gradients need trainable parameters")
+        selected = {n: named[n] for n in params}
+    if not selected:
+        raise ValueError("no trainable parameters selected: the model has none with requires_grad=True"
+                         if params is None else "params is empty: name at least one parameter")
+    return selected
+
+
+class _Engine:
+    """Captured calls of one forward/backward and the consumers built on them."""
+
+    def __init__(self, capture: _Capture, scale_by_batch: bool = False):
+        self.capture = capture
+        self.selected = capture.selected
+        self.sources: dict[str, list] = {n: [] for n in self.selected}
+        # forwards without a backward (stale) have no gradients and serve nothing
+        live = [i for i, root in enumerate(capture.root_calls) if any(g is not None for g in root.grads)]
+        if not live:
+            raise RuntimeError("no backward pass was captured: run the forward and backward inside the context")
+        sizes = {capture.root_calls[i].batch_size for i in live}
+        if len(sizes) > 1:
+            raise ValueError(f"the captured forwards have batch sizes {sorted(sizes)}; "
+                             "per-sample statistics need one batch size per backward")
+        self.batch_size = sizes.pop()
+        # a mean-reduced loss scaled each sample's gradient by 1/B
+        scale = float(self.batch_size) if scale_by_batch else 1.0
+        for idx in live:
+            root = capture.root_calls[idx]
+            orphans = capture.orphans[idx]
+            for call in capture.calls:
+                if call.root_call != idx:
+                    continue
+                names = {k: f for k, f in capture.owned.get(call.module, {}).items() if f not in orphans}
+                if not names or all(g is None for g in call.grads):
+                    continue
+                grads = [None if g is None else (g * scale if scale != 1.0 else g) for g in call.grads]
+                rule = capture.rules.get(call.module)
+                if rule is not None:
+                    src = _RuleSource(call, rule, names, grads[0])
+                else:
+                    src = _FuncSource(call, names, self.selected, grads, capture, capture.module_names[call.module])
+                for f in set(names.values()):
+                    self.sources[f].append(src)
+            if orphans:
+                grads = [None if g is None else (g * scale if scale != 1.0 else g) for g in root.grads]
+                src = _FuncSource(root, {f: f for f in orphans}, self.selected, grads, capture, "<model>")
+                for f in orphans:
+                    self.sources[f].append(src)
+
+    def _zeros(self, name, lead, dtype=None):
+        p = self.selected[name]
+        return torch.zeros((*lead, *p.shape), dtype=dtype or p.dtype, device=p.device)
+
+    def grads(self, out: dict | None = None) -> dict[str, torch.Tensor]:
+        B = self.batch_size
+        result = {}
+        done = set()
+        for name, srcs in self.sources.items():
+            buf = None if out is None else out.get(name)
+            if buf is not None and (tuple(buf.shape) != (B, *self.selected[name].shape)):
+                raise ValueError(f"out[{name!r}] must have shape {(B, *self.selected[name].shape)}, got {tuple(buf.shape)}")
+            if len(srcs) == 1:
+                src = srcs[0]
+                if id(src) in done:
+                    continue
+                done.add(id(src))
+                # one source may serve several parameters (weight and bias of a layer)
+                res = src.materialize(out=out)
+                for f, t in res.items():
+                    if len(self.sources[f]) == 1:
+                        result[f] = _into(out, f, t)
+                continue
+            total = None
+            for src in srcs:
+                t = src.materialize()[name]
+                total = t.clone() if total is None else total.add_(t)
+            result[name] = _into(out, name, total if total is not None else self._zeros(name, (B,)))
+        for name in self.sources:
+            if name not in result:
+                result[name] = _into(out, name, self._zeros(name, (B,)))
+        return {n: result[n] for n in self.selected}
+
+    def sq_norms(self, chunk_size=None) -> torch.Tensor:
+        B = self.batch_size
+        device = next(iter(self.selected.values())).device
+        total = torch.zeros(B, dtype=torch.float32, device=device)
+        single = {}
+        for name, srcs in self.sources.items():
+            if len(srcs) == 1:
+                single.setdefault(id(srcs[0]), (srcs[0], []))[1].append(name)
+            elif srcs:  # tied: the per-sample gradient is a sum of uses; sum chunks, then norm
+                numel = self.selected[name].numel()
+                for s in chunks(B, rows_per_chunk(B, 8 * numel, chunk_size)):
+                    acc = None
+                    for src in srcs:
+                        t = src.materialize(s)[name].float()
+                        acc = t if acc is None else acc + t
+                    total[s] += acc.flatten(1).square().sum(1)
+        for src, names in single.values():
+            norms = src.sq_norms(chunk_size)
+            for n in names:
+                total += norms[n]
+        return total
+
+    def dots(self, vectors: dict[str, torch.Tensor], chunk_size=None) -> torch.Tensor:
+        unknown = [n for n in vectors if n not in self.selected]
+        if unknown:
+            raise ValueError(f"vectors name parameters that are not selected: {unknown}")
+        device = next(iter(self.selected.values())).device
+        vectors = {n: v.to(device) for n, v in vectors.items()}
+        K = next(iter(vectors.values())).shape[0]
+        total = torch.zeros(self.batch_size, K, dtype=torch.float32, device=device)
+        seen = set()
+        for name in vectors:
+            for src in self.sources[name]:
+                if id(src) in seen:
+                    continue
+                seen.add(id(src))
+                total += src.dots(vectors, chunk_size)
+        return total
+
+    def class_sums(self, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
+        out = {n: self._zeros(n, (num_classes,), torch.float32) for n in self.selected}
+        seen = set()
+        for name, srcs in self.sources.items():
+            for src in srcs:
+                if id(src) in seen:
+                    continue
+                seen.add(id(src))
+                for f, t in src.class_sums(labels, num_classes, chunk_size).items():
+                    out[f] += t
+        return out
+
+
+def _into(out, name, t):
+    if out is None or name not in out:
+        return t
+    if out[name].data_ptr() != t.data_ptr():
+        out[name].copy_(t)
+    return out[name]

@@ -1,0 +1,190 @@
+"""Per-sample gradients of a Linear layer: materialize, fused squared norm, dots.
+
+For input activations A ``[B, T, d]`` and output gradients G ``[B, T, p]`` the
+per-sample weight gradient is ``G_i^T A_i`` (``[p, d]``). Three consumers, each with a
+pure-PyTorch reference (``*_ref``: the test oracle and the CPU path) and a dispatcher
+that picks the Triton or CUDA kernel for CUDA tensors (``fastdd._backend``):
+
+- ``psg_linear``: materialize ``[B, p, d]`` (into a reused buffer when ``out`` is given);
+- ``psg_linear_sqnorm``: ``||G_i^T A_i||_F^2`` without writing the per-sample gradient;
+- ``psg_linear_dot``: ``<G_i^T A_i, V_k>`` for K vectors ``V [K, p, d]``.
+
+Every path accumulates in fp32 and returns fp32 norms and dots; ``psg_linear`` returns
+the dtype of ``out`` (default: the input dtype).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from .._chunking import chunks, rows_per_chunk
+
+_F32 = 4  # bytes of the fp32 temporaries used to size chunks
+
+
+def _as_btd(x: torch.Tensor, name: str) -> torch.Tensor:
+    if x.dim() == 2:
+        return x.unsqueeze(1)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, d] or [B, T, d], got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_pair(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    A, G = _as_btd(A, "A"), _as_btd(G, "G")
+    if A.shape[:2] != G.shape[:2]:
+        raise ValueError(
+            f"A {tuple(A.shape)} and G {tuple(G.shape)} must agree on [B, T]"
+        )
+    if A.device != G.device:
+        raise ValueError(f"A is on {A.device} but G is on {G.device}")
+    return A, G
+
+
+# --------------------------------------------------------------------------- materialize
+def psg_linear_ref(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample weight gradients ``G_i^T A_i``: A ``[B, T, d]``, G ``[B, T, p]`` -> ``[B, p, d]``."""
+    A, G = _check_pair(A, G)
+    B, T, d = A.shape
+    p = G.shape[2]
+    if out is None:
+        out = torch.empty(B, p, d, dtype=A.dtype, device=A.device)
+    if T == 1 and out.dtype == A.dtype == G.dtype:
+        # An outer product per sample: one broadcast multiply writes the result once.
+        torch.mul(G.transpose(1, 2), A, out=out)
+    elif out.dtype == A.dtype == G.dtype == torch.float32:
+        torch.bmm(G.transpose(1, 2), A, out=out)
+    else:  # low precision: accumulate in fp32, cast once on store
+        out.copy_(torch.bmm(G.transpose(1, 2).float(), A.float()))
+    return out
+
+
+def psg_linear(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample weight gradients ``[B, p, d]`` of a Linear layer (dispatching).
+
+    A: ``[B, T, d]`` (or ``[B, d]``) input activations; G: ``[B, T, p]`` output gradients;
+    out: optional ``[B, p, d]`` buffer to write into (reused across calls).
+
+    >>> A, G = torch.randn(4, 3, 5), torch.randn(4, 3, 2)
+    >>> psg_linear(A, G).shape
+    torch.Size([4, 2, 5])
+    """
+    A, G = _check_pair(A, G)
+    B, _, d = A.shape
+    p = G.shape[2]
+    if out is not None and (tuple(out.shape) != (B, p, d) or out.device != A.device):
+        raise ValueError(f"out must be [B, p, d] = {(B, p, d)} on {A.device}, got {tuple(out.shape)} on {out.device}")
+    backend = _backend.pick(A.device)
+    if backend == "torch":
+        return psg_linear_ref(A, G, out)
+    if out is None:
+        out = torch.empty(B, p, d, dtype=A.dtype, device=A.device)
+    if backend == "triton":
+        from ..kernels.per_sample_linear import psg_linear_fwd
+
+        return psg_linear_fwd(A, G, out)
+    from .. import _ext
+
+    _ext.load(raise_on_error=True).psg_linear(A, G, out, _stream(A))
+    return out
+
+
+# --------------------------------------------------------------------------- squared norm
+def gram_is_cheaper(T: int, d: int, p: int) -> bool:
+    """Whether <A A^T, G G^T> (B T^2 (d+p) flops) beats materializing (B T d p)."""
+    return T > 1 and T * (d + p) < d * p
+
+
+def psg_linear_sqnorm_ref(A: torch.Tensor, G: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """``||G_i^T A_i||_F^2`` per sample, fp32 ``[B]``; never more than a chunk of temporaries."""
+    A, G = _check_pair(A, G)
+    B, T, d = A.shape
+    p = G.shape[2]
+    if T == 1:  # ||g a^T||^2 = ||a||^2 ||g||^2
+        return A.float().square().sum((1, 2)) * G.float().square().sum((1, 2))
+    out = torch.empty(B, dtype=torch.float32, device=A.device)
+    if gram_is_cheaper(T, d, p):
+        step = rows_per_chunk(B, 2 * T * T * _F32, chunk_size)
+        for s in chunks(B, step):
+            a, g = A[s].float(), G[s].float()
+            out[s] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    else:
+        step = rows_per_chunk(B, p * d * _F32, chunk_size)
+        for s in chunks(B, step):
+            out[s] = torch.bmm(G[s].transpose(1, 2).float(), A[s].float()).square().sum((1, 2))
+    return out
+
+
+def psg_linear_sqnorm(A: torch.Tensor, G: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Squared Frobenius norms ``[B]`` of per-sample Linear weight gradients (dispatching).
+
+    A: ``[B, T, d]``; G: ``[B, T, p]``. The kernels never write ``[B, p, d]``.
+    """
+    A, G = _check_pair(A, G)
+    backend = _backend.pick(A.device)
+    if backend == "torch":
+        return psg_linear_sqnorm_ref(A, G, chunk_size)
+    if backend == "triton":
+        from ..kernels.per_sample_linear import psg_linear_sqnorm_fwd
+
+        return psg_linear_sqnorm_fwd(A, G)
+    from .. import _ext
+
+    B = A.shape[0]
+    out = torch.zeros(B, dtype=torch.float32, device=A.device)
+    _ext.load(raise_on_error=True).psg_linear_sqnorm(A, G, out, _stream(A))
+    return out
+
+
+# --------------------------------------------------------------------------- dots with V
+def psg_linear_dot_ref(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """``<G_i^T A_i, V_k>`` per sample and vector, fp32 ``[B, K]``; V is ``[K, p, d]``."""
+    A, G = _check_pair(A, G)
+    B, T, d = A.shape
+    p = G.shape[2]
+    K = V.shape[0]
+    Vf = V.float()
+    out = torch.empty(B, K, dtype=torch.float32, device=A.device)
+    # sum_t g_t^T V_k a_t: project G through V (B T K d flops, B T K d temporaries) when
+    # T K <= T + K, else materialize a chunk of G_i^T A_i and take K dots (B T p d + B K p d).
+    if T * K <= T + K:
+        Vp = Vf.permute(1, 0, 2).reshape(p, K * d)
+        step = rows_per_chunk(B, T * K * d * _F32, chunk_size)
+        for s in chunks(B, step):
+            b = s.stop - s.start
+            proj = (G[s].float().reshape(b * T, p) @ Vp).view(b, T, K, d)
+            out[s] = torch.einsum("btkd,btd->bk", proj, A[s].float())
+    else:
+        Vflat = Vf.reshape(K, p * d)
+        step = rows_per_chunk(B, p * d * _F32, chunk_size)
+        for s in chunks(B, step):
+            grads = torch.bmm(G[s].transpose(1, 2).float(), A[s].float())
+            out[s] = grads.reshape(grads.shape[0], p * d) @ Vflat.T
+    return out
+
+
+def psg_linear_dot(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Dots ``[B, K]`` of per-sample Linear weight gradients with K vectors (dispatching).
+
+    A: ``[B, T, d]``; G: ``[B, T, p]``; V: ``[K, p, d]``. Never writes ``[B, p, d]``.
+    """
+    A, G = _check_pair(A, G)
+    p, d = G.shape[2], A.shape[2]
+    if V.dim() != 3 or tuple(V.shape[1:]) != (p, d):
+        raise ValueError(f"V must be [K, p, d] = [K, {p}, {d}], got {tuple(V.shape)}")
+    backend = _backend.pick(A.device)
+    if backend == "torch":
+        return psg_linear_dot_ref(A, G, V, chunk_size)
+    if backend == "triton":
+        from ..kernels.per_sample_linear import psg_linear_dot_fwd
+
+        return psg_linear_dot_fwd(A, G, V)
+    from .. import _ext
+
+    out = torch.zeros(A.shape[0], V.shape[0], dtype=torch.float32, device=A.device)
+    _ext.load(raise_on_error=True).psg_linear_dot(A, G, V.contiguous(), out, _stream(A))
+    return out
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream

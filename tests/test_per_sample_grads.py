@@ -1,0 +1,268 @@
+"""The gradient engine against torch.func vmap(grad(...)) on every kind of model."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdd
+from fastdd.models import ConvNet, MLP
+from conftest import assert_close
+from helpers import flat_sq_norms, vmap_per_sample_grads
+
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+class SeqModel(nn.Module):
+    """Embedding -> LayerNorm -> Linear over [B, T, d] -> token logits; output tied to the embedding."""
+
+    def __init__(self, vocab=11, dim=8, tie=True):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, vocab, bias=False)
+        if tie:
+            self.head.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.mix(self.norm(self.embed(idx)))))
+
+
+def seq_loss(outputs, targets):  # per-sample: sum of token losses
+    return F.cross_entropy(outputs.transpose(1, 2), targets, reduction="none").sum(1)
+
+
+class DirectTie(nn.Module):
+    """Uses the embedding matrix directly (outside nn.Embedding's forward) as the output layer."""
+
+    def __init__(self, vocab=9, dim=6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+
+    def forward(self, idx):
+        h = torch.relu(self.mix(self.embed(idx)))
+        return h @ self.embed.weight.T
+
+
+class NoRule(nn.Module):
+    """Layers without hand-written rules: a bare parameter, PReLU, Conv3d-free attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(6))
+        self.act = nn.PReLU(4)  # channels are dim 1 of [B, 4, 6]
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.act(x * self.scale)
+        h, _ = self.attn(h, h, h, need_weights=False)
+        return self.out(h.mean(1))
+
+
+def conv_model():
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 6, 3, groups=2, dilation=2, padding="same", padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(6, 6, (2, 3), groups=6, stride=(1, 2), bias=False),
+        nn.Flatten(), nn.LazyLinear(3),
+    )
+
+
+def conv1d_model():
+    return nn.Sequential(
+        nn.Conv1d(3, 4, 3, padding="same", dilation=2), nn.InstanceNorm1d(4, affine=True), nn.ReLU(),
+        nn.Conv1d(4, 4, 2, stride=3, groups=2, padding=1, padding_mode="circular"),
+        nn.Flatten(), nn.LazyLinear(3),
+    )
+
+
+def norm_model():
+    m = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+        nn.InstanceNorm2d(4, affine=True), nn.GroupNorm(2, 4), nn.Flatten(), nn.LazyLinear(5),
+    )
+    return m
+
+
+CASES = {
+    "mlp": (lambda: MLP(20, 5, hidden=(16, 12)), lambda B: torch.randn(B, 20), lambda B: torch.randint(0, 5, (B,)), None),
+    "convnet8": (lambda: ConvNet(1, 10, 8, width=8), lambda B: torch.randn(B, 1, 8, 8), lambda B: torch.randint(0, 10, (B,)), None),
+    "convnet28": (lambda: ConvNet(1, 10, 28, width=6), lambda B: torch.randn(B, 1, 28, 28), lambda B: torch.randint(0, 10, (B,)), None),
+    "conv_groups_stride_dilation": (conv_model, lambda B: torch.randn(B, 2, 11, 13), lambda B: torch.randint(0, 3, (B,)), None),
+    "conv1d": (conv1d_model, lambda B: torch.randn(B, 3, 17), lambda B: torch.randint(0, 3, (B,)), None),
+    "norms_eval": (norm_model, lambda B: torch.randn(B, 1, 9, 9), lambda B: torch.randint(0, 5, (B,)), None),
+    "sequence_tied": (SeqModel, lambda B: torch.randint(0, 11, (B, 7)), lambda B: torch.randint(0, 11, (B, 7)), seq_loss),
+    "direct_tie": (DirectTie, lambda B: torch.randint(0, 9, (B, 5)), lambda B: torch.randint(0, 9, (B, 5)), seq_loss),
+    "fallback": (NoRule, lambda B: torch.randn(B, 4, 6), lambda B: torch.randint(0, 3, (B,)), None),
+}
+
+
+def build(case, B=5):
+    make_model, make_x, make_y, loss = CASES[case]
+    model = make_model()
+    x, y = make_x(B), make_y(B)
+    model(x[:1])  # initialize lazy layers
+    if case == "norms_eval":
+        model.train()
+        for _ in range(3):  # non-trivial running statistics
+            model(torch.randn(16, 1, 9, 9) * 2 + 1)
+        model.eval()
+    return model, x, y, loss
+
+
+def oracle(model, x, y, loss, names=None):
+    from helpers import ce_losses
+
+    return vmap_per_sample_grads(model, x, y, loss or ce_losses, names)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_grads_match_vmap(case):
+    model, x, y, loss = build(case)
+    expected = oracle(model, x, y, loss)
+    got = fastdd.per_sample_grads(model, x, y, loss_fn=loss)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert_close(got[name], expected[name], name=f"{case}:{name}", **TOL)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_norms_match_materialized(case):
+    model, x, y, loss = build(case)
+    expected = flat_sq_norms(oracle(model, x, y, loss)).sqrt()
+    got = fastdd.per_sample_grad_norms(model, x, y, loss_fn=loss)
+    assert got.shape == (x.shape[0],)
+    assert_close(got, expected, name=case, **TOL)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_dots_match_materialized(case):
+    model, x, y, loss = build(case)
+    grads = oracle(model, x, y, loss)
+    K = 3
+    vectors = {n: torch.randn(K, *g.shape[1:]) for n, g in grads.items()}
+    expected = sum(g.flatten(1).double() @ vectors[n].flatten(1).double().T for n, g in grads.items())
+    got = fastdd.per_sample_grad_dots(model, x, y, vectors, loss_fn=loss)
+    assert got.shape == (x.shape[0], K)
+    assert_close(got, expected, atol=1e-4, rtol=1e-4, name=case)
+
+
+@pytest.mark.parametrize("case", ["mlp", "convnet8", "conv_groups_stride_dilation", "sequence_tied", "fallback"])
+def test_classwise_is_mean_of_class_members(case):
+    model, x, y, loss = build(case, B=9)
+    labels = torch.tensor([0, 2, 2, 1, 0, 2, 0, 0, 2])
+    grads = oracle(model, x, y, loss)
+    got = fastdd.classwise_grads(model, x, y, num_classes=4, loss_fn=loss, labels=labels)
+    for name, g in grads.items():
+        for c in range(4):
+            rows = labels == c
+            expected = g[rows].mean(0) if rows.any() else torch.zeros_like(g[0])
+            assert_close(got[name][c], expected, name=f"{case}:{name}:class{c}", **TOL)
+
+
+def test_subset_of_params_and_chunking():
+    model, x, y, loss = build("convnet8", B=7)
+    names = ["features.0.weight", "classifier.bias"]
+    expected = oracle(model, x, y, loss, names)
+    got = fastdd.per_sample_grads(model, x, y, params=names, chunk_size=2)
+    assert list(got) == names
+    for n in names:
+        assert_close(got[n], expected[n], name=n, **TOL)
+    norms = fastdd.per_sample_grad_norms(model, x, y, params=names, chunk_size=3)
+    assert_close(norms, flat_sq_norms(expected).sqrt(), name="norms", **TOL)
+
+
+def test_sequence_norm_choices_agree():
+    """Gram form and materialization give the same norms (the choice is only about cost)."""
+    from fastdd.grad.per_sample_linear import gram_is_cheaper, psg_linear_ref, psg_linear_sqnorm_ref
+
+    for T, d, p in [(5, 40, 40), (40, 5, 6)]:
+        A, G = torch.randn(3, T, d), torch.randn(3, T, p)
+        expected = psg_linear_ref(A, G).square().sum((1, 2))
+        assert_close(psg_linear_sqnorm_ref(A, G), expected, atol=1e-3, rtol=1e-5, name=f"T={T}")
+    assert gram_is_cheaper(5, 40, 40) and not gram_is_cheaper(40, 5, 6)
+
+
+def test_batch_of_one_and_noncontiguous_inputs():
+    model = MLP(12, 4, hidden=(9,))
+    x = torch.randn(12, 6).T  # [6, 12], not contiguous
+    assert not x.is_contiguous()
+    y = torch.randint(0, 4, (6,))
+    expected = oracle(model, x.contiguous(), y, None)
+    got = fastdd.per_sample_grads(model, x, y)
+    for n in expected:
+        assert_close(got[n], expected[n], name=n, **TOL)
+    one = fastdd.per_sample_grads(model, x[:1], y[:1])
+    for n in expected:
+        assert_close(one[n], expected[n][:1], name=n, **TOL)
+
+
+def test_model_left_as_it_was():
+    model, x, y, _ = build("convnet8")
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    fastdd.per_sample_grad_norms(model, x, y)
+    fastdd.per_sample_grads(model, x, y)
+    assert model.training
+    assert all(torch.all(p.grad == 7.0) for p in model.parameters())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_context_manager_matches_functional(reduction):
+    model, x, y, _ = build("convnet8", B=6)
+    fallback_model, fx, fy, _ = build("fallback", B=6)
+    for m, xx, yy in [(model, x, y), (fallback_model, fx, fy)]:
+        expected = fastdd.per_sample_grads(m, xx, yy)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        with fastdd.PerSampleGrads(m, loss_reduction=reduction) as ps:
+            for _ in range(2):  # a second step replaces the first
+                opt.zero_grad()
+                loss = F.cross_entropy(m(xx), yy, reduction=reduction)
+                loss.backward()
+                grads = ps.grads()
+                norms = ps.norms()
+                vecs = {n: torch.randn(2, *p.shape) for n, p in m.named_parameters()}
+                dots = ps.dots(vecs)
+        for n in expected:
+            assert_close(grads[n], expected[n], name=n, **TOL)
+        assert_close(norms, flat_sq_norms(expected).sqrt(), name="norms", **TOL)
+        expected_dots = sum(expected[n].flatten(1) @ vecs[n].flatten(1).T for n in vecs)
+        assert_close(dots, expected_dots, atol=1e-4, rtol=1e-4, name="dots")
+        # the ordinary .grad of the step is the user's, and equals the mean of per-sample grads
+        scale = 1 / 6 if reduction == "mean" else 1.0
+        for n, p in m.named_parameters():
+            assert_close(p.grad, expected[n].sum(0) * scale, name=f"grad {n}", **TOL)
+        assert all(len(mod._forward_hooks) == 0 for mod in m.modules())
+
+
+def test_context_manager_requires_backward():
+    model, x, y, _ = build("mlp")
+    with fastdd.PerSampleGrads(model) as ps:
+        model(x)
+        with pytest.raises(RuntimeError, match="no backward"):
+            ps.norms()
+
+
+def test_reused_output_buffer():
+    model, x, y, _ = build("mlp", B=4)
+    out = {n: torch.empty(4, *p.shape) for n, p in model.named_parameters()}
+    got = fastdd.per_sample_grads(model, x, y, out=out)
+    expected = oracle(model, x, y, None)
+    for n in expected:
+        assert got[n].data_ptr() == out[n].data_ptr()
+        assert_close(out[n], expected[n], name=n, **TOL)
+
+
+def test_module_reused_twice_sums_contributions():
+    lin = nn.Linear(5, 5)
+    model = nn.Sequential(lin, nn.Tanh(), lin, nn.Tanh(), nn.Linear(5, 2))
+    x, y = torch.randn(4, 5), torch.randint(0, 2, (4,))
+    expected = oracle(model, x, y, None)
+    got = fastdd.per_sample_grads(model, x, y)
+    for n in expected:
+        assert_close(got[n], expected[n], name=n, **TOL)
