@@ -59,7 +59,7 @@ def psg_linear_kernel(
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     p_o = out_ptr + i_b * s_ob + o_p[:, None] * s_op + o_d[None, :] * s_od
-    tl.store(p_o, acc.to(out_ptr.dtype.element_ty), mask=(o_p < p)[:, None] & (o_d < d)[None, :])
+    tl.store(p_o, acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=(o_p < p)[:, None] & (o_d < d)[None, :])
 
 
 @triton.jit
@@ -172,9 +172,14 @@ def psg_linear_fwd(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> torch
     B, T, d = A.shape
     p = G.shape[2]
     cfg = _config(A)
+    # The interpreter truncates fp32 -> bf16/fp16 casts instead of rounding to nearest:
+    # there, store fp32 and let torch round once.
+    target = out if not INTERPRET or out.dtype == torch.float32 else torch.empty_like(out, dtype=torch.float32)
     psg_linear_kernel[_grid(B, d, p, cfg)](
-        A, G, out, T, d, p, *A.stride(), *G.stride(), *out.stride(), **cfg
+        A, G, target, T, d, p, *A.stride(), *G.stride(), *target.stride(), **cfg
     )
+    if target is not out:
+        out.copy_(target)
     return out
 
 

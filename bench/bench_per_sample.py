@@ -1,0 +1,299 @@
+"""Per-sample gradients: fastdd against torch.func vmap and a per-sample Python loop.
+
+Each measurement runs in fresh processes: one times it, one reads its peak memory
+(VmHWM above the RSS after set-up). Timing processes keep freed memory in glibc's
+heap (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) so that page faults of
+large temporaries, which swing CPU timings by 1.5x from run to run here, do not
+decide the result; --system-malloc times with the default allocator instead. The
+write roofline is the time to fill a buffer of the bytes that materialized
+per-sample gradients occupy, measured in the same run.
+
+    python bench/bench_per_sample.py [--threads 2] [--repeat 5] [--out results/bench_per_sample.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+WORKLOADS = {
+    "mlp": "MLP 784-512-256-10, B=256",
+    "convnet": "ConvNet width 32, depth 3, 28x28, B=128",
+    "linear_seq": "Linear 512->512 over [32, 128, 512]",
+    "seq2": "Linear 512->512, GELU, Linear 512->16 over [32, 128, 512]",
+}
+# (workload, consumer, methods) measured; methods: fastdd (into reused buffers for
+# grads), fastdd_alloc (fresh outputs each call), vmap, loop, roofline, and the fixed
+# norm strategies gram / materialize (every layer the same) for the sequence model.
+# The "step" consumer is a user's training step (forward, backward, SGD step) alone
+# (plain), with PerSampleGrads norms from that same backward (fastdd), and followed by
+# a separate vmap pass for the norms (vmap).
+PLAN = [
+    ("mlp", "grads", ["fastdd", "fastdd_alloc", "vmap", "loop", "roofline"]),
+    ("mlp", "norms", ["fastdd", "vmap", "loop"]),
+    ("mlp", "dots", ["fastdd", "vmap"]),
+    ("mlp", "step", ["plain", "fastdd", "vmap"]),
+    ("convnet", "grads", ["fastdd", "fastdd_alloc", "vmap", "loop", "roofline"]),
+    ("convnet", "norms", ["fastdd", "vmap"]),
+    ("convnet", "step", ["plain", "fastdd", "vmap"]),
+    ("linear_seq", "grads", ["fastdd", "fastdd_alloc", "vmap", "roofline"]),
+    ("linear_seq", "norms", ["fastdd", "vmap"]),
+    ("seq2", "norms", ["fastdd", "gram", "materialize", "vmap"]),
+    ("seq2", "dots", ["fastdd", "vmap"]),
+]
+
+
+# --------------------------------------------------------------------------- child side
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _build(workload):
+    import torch
+    from torch import nn
+
+    from fastdd.models import MLP, ConvNet
+
+    g = torch.Generator().manual_seed(0)
+    if workload == "mlp":
+        model = MLP(784, 10, hidden=(512, 256))
+        x, y = torch.randn(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
+        loss = None
+    elif workload == "convnet":
+        model = ConvNet(1, 10, 28, width=32, depth=3)
+        x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
+        loss = None
+    else:
+        layers = [nn.Linear(512, 512)] if workload == "linear_seq" else [nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 16)]
+        model = nn.Sequential(*layers)
+        x = torch.randn(32, 128, 512, generator=g)
+        out_dim = 512 if workload == "linear_seq" else 16
+        y = torch.randn(32, 128, out_dim, generator=g)
+
+        def loss(o, t):
+            return (o - t).square().flatten(1).sum(1)
+
+    return model, x, y, loss
+
+
+def _ce(o, t):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(o, t, reduction="none")
+
+
+def _method(workload, consumer, method):
+    """A zero-argument callable running one measurement, with its set-up done."""
+    import torch
+    from torch.func import functional_call, grad, vmap
+
+    import fastdd
+    from fastdd.grad import per_sample_linear
+
+    model, x, y, loss = _build(workload)
+    loss_fn = loss or _ce
+    params = dict(model.named_parameters())
+    B = x.shape[0]
+    K = 8
+    vectors = {n: torch.randn(K, *p.shape) for n, p in params.items()}
+
+    if method == "roofline":  # write the bytes of every per-sample gradient into buffers like fastdd's
+        bufs = [torch.empty(B, *p.shape) for p in params.values()]
+        for b in bufs:
+            b.fill_(0.0)  # pages touched once, as a reused buffer's are
+        return lambda: [b.fill_(1.0) for b in bufs]
+
+    if consumer == "step":  # one training step of the user's, plus per-sample norms
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad()
+            loss_fn(model(x), y).mean().backward()
+            opt.step()
+
+        if method == "plain":
+            return step
+        if method == "fastdd":
+            ps = fastdd.PerSampleGrads(model, loss_reduction="mean").__enter__()
+
+            def step_and_norms():
+                step()
+                return ps.norms()
+
+            return step_and_norms
+        detached = {n: p.detach() for n, p in params.items()}
+
+        def one(p, xi, yi):
+            return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))[0]
+
+        per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+
+        def step_then_vmap():
+            step()
+            return sum(g.flatten(1).square().sum(1) for g in per_sample(detached, x, y).values()).sqrt()
+
+        return step_then_vmap
+
+    if method == "fastdd_alloc":
+        return lambda: fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn)
+
+    if method in ("fastdd", "gram", "materialize"):
+        if method != "fastdd":  # force one fixed strategy for every layer
+            per_sample_linear.gram_is_cheaper = (lambda T, d, p: T > 1) if method == "gram" else (lambda T, d, p: False)
+        if consumer == "grads":
+            out = {n: torch.empty(B, *p.shape) for n, p in params.items()}
+            fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn, out=out)  # touch the reused buffers
+            return lambda: fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn, out=out)
+        if consumer == "norms":
+            return lambda: fastdd.per_sample_grad_norms(model, x, y, loss_fn=loss_fn)
+        return lambda: fastdd.per_sample_grad_dots(model, x, y, vectors, loss_fn=loss_fn)
+
+    if method == "vmap":
+        detached = {n: p.detach() for n, p in params.items()}
+
+        def one(p, xi, yi):
+            return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))[0]
+
+        per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+        if consumer == "grads":
+            return lambda: per_sample(detached, x, y)
+        if consumer == "norms":
+            return lambda: sum(g.flatten(1).square().sum(1) for g in per_sample(detached, x, y).values()).sqrt()
+        return lambda: sum(g.flatten(1) @ vectors[n].flatten(1).T for n, g in per_sample(detached, x, y).items())
+
+    if method == "loop":
+        plist = list(params.values())
+
+        def loop():
+            rows = []
+            for i in range(B):
+                gs = torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1])[0], plist)
+                if consumer == "grads":
+                    rows.append([g.clone() for g in gs])
+                else:
+                    rows.append(torch.sqrt(sum(g.square().sum() for g in gs)))
+            return rows
+
+        return loop
+    raise ValueError(method)
+
+
+def child(workload, consumer, method, threads, repeat, what):
+    import torch
+
+    torch.set_num_threads(threads)
+    fn = _method(workload, consumer, method)
+    fn()  # warm-up (and first-touch of reused buffers)
+    if what == "memory":
+        base = _rss_kb("VmRSS")
+        _reset_peak()
+        res = fn()
+        print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
+        return
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        res = fn()
+        times.append(time.perf_counter() - t0)
+        del res
+    numel = None
+    if consumer == "grads":
+        model, x, _, _ = _build(workload)
+        numel = x.shape[0] * sum(p.numel() for p in model.parameters())
+    print(json.dumps({"median_s": statistics.median(times), "min_s": min(times),
+                      "bytes": None if numel is None else 4 * numel}))
+
+
+# --------------------------------------------------------------------------- parent side
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+                 "MALLOC_TOP_PAD_": str(256 << 20)}
+
+
+def _run_child(workload, consumer, method, threads, repeat, what, env):
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", workload, consumer, method, what,
+           "--threads", str(threads), "--repeat", str(repeat)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        return {"error": res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "failed"}
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def run_one(workload, consumer, method, threads, repeat, system_malloc=False):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    timing_env = env if system_malloc else dict(env, **STEADY_MALLOC)
+    timing = _run_child(workload, consumer, method, threads, repeat, "time", timing_env)
+    if "error" in timing:
+        return timing
+    memory = _run_child(workload, consumer, method, threads, 1, "memory", env)
+    return {**timing, "peak_mb": memory.get("peak_mb", float("nan"))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (default 5)")
+    ap.add_argument("--only", default=None, help="comma-separated workloads to run")
+    ap.add_argument("--out", default=None, help="also write the markdown table here")
+    ap.add_argument("--system-malloc", action="store_true", help="time with glibc's default allocator settings")
+    ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "CONSUMER", "METHOD", "WHAT"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        workload, consumer, method, what = args.child
+        child(workload, consumer, method, args.threads, args.repeat, what)
+        return
+    import platform
+
+    import torch
+
+    only = set(args.only.split(",")) if args.only else None
+    lines = [
+        f"# Per-sample gradients: fastdd vs torch.func vmap vs a Python loop",
+        "",
+        f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+        f"median of {args.repeat} runs ({'default' if args.system_malloc else 'steady'} malloc); "
+        "peak = extra resident memory during one call.",
+        "",
+        "| workload | consumer | method | median (ms) | min (ms) | vs fastdd (median) | peak (MB) | GB/s written |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for workload, consumer, methods in PLAN:
+        if only and workload not in only:
+            continue
+        results = {m: run_one(workload, consumer, m, args.threads, args.repeat, args.system_malloc) for m in methods}
+        base = results.get("fastdd", {}).get("median_s")  # None when fastdd failed
+        for m in methods:
+            r = results[m]
+            if "error" in r:
+                row = f"| {WORKLOADS[workload]} | {consumer} | {m} | error: {r['error']} | | | | |"
+            else:
+                ratio = f"{r['median_s'] / base:.2f}x" if base else ""
+                gbs = f"{r['bytes'] / r['median_s'] / 1e9:.2f}" if r.get("bytes") and m in ("fastdd", "fastdd_alloc", "vmap", "roofline", "loop") and consumer == "grads" else ""
+                row = (f"| {WORKLOADS[workload]} | {consumer} | {m} | {1e3 * r['median_s']:.1f} | "
+                       f"{1e3 * r['min_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {gbs} |")
+            lines.append(row)
+            print(row, flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
