@@ -1,0 +1,104 @@
+"""Per-sample Linear kernels: torch path vs Triton vs CUDA, per consumer.
+
+On a GPU every available backend runs; on a CPU the torch path runs (and Triton
+only under TRITON_INTERPRET=1, which measures the interpreter, not the kernel).
+Reports time, GFLOP/s, GB/s, peak memory, and the bandwidth of a plain copy of
+the same bytes measured in the same run (the roofline).
+
+    python bench/bench_kernels.py [--out FILE] [--dtype float32|bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+
+SHAPES_GPU = [(256, 1, 784, 512), (32, 128, 512, 512), (64, 256, 1024, 1024), (512, 16, 256, 256)]
+SHAPES_CPU = [(256, 1, 784, 512), (32, 128, 512, 512)]
+K = 8
+
+
+def timeit(fn, device, repeat=20):
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeat):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        return sorted(times)[len(times) // 2]
+    times = []
+    for _ in range(max(3, repeat // 4)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="write the markdown table here too")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = ap.parse_args()
+
+    from fastdd.grad import per_sample_linear as psl
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype)
+    backends = ["torch"]
+    if device == "cuda":
+        from fastdd import _ext
+
+        backends.append("triton")
+        if _ext.load() is not None:
+            backends.append("cuda")
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"# Per-sample Linear kernels on {name}, {args.dtype}", "",
+             "| B, T, d, p | consumer | backend | ms | GFLOP/s | GB/s | peak MB | copy roofline GB/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    for B, T, d, p in SHAPES_GPU if device == "cuda" else SHAPES_CPU:
+        A = torch.randn(B, T, d, device=device, dtype=dtype)
+        G = torch.randn(B, T, p, device=device, dtype=dtype)
+        V = torch.randn(K, p, d, device=device, dtype=dtype)
+        out = torch.empty(B, p, d, device=device, dtype=dtype)
+        esize = A.element_size()
+        src = torch.empty_like(out)
+        roof = out.numel() * esize * 2 / timeit(lambda: out.copy_(src), device)  # read + write
+        consumers = {
+            "materialize": (lambda: psl.psg_linear(A, G, out=out), 2 * B * T * d * p,
+                            (A.numel() + G.numel() + out.numel()) * esize),
+            "sqnorm": (lambda: psl.psg_linear_sqnorm(A, G), 2 * B * T * d * p, (A.numel() + G.numel()) * esize),
+            "dot": (lambda: psl.psg_linear_dot(A, G, V), 2 * B * T * d * p + 2 * B * K * d * p,
+                    (A.numel() + G.numel() + V.numel()) * esize),
+        }
+        for consumer, (fn, flops, nbytes) in consumers.items():
+            for backend in backends:
+                os.environ["FASTDD_BACKEND"] = backend
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                try:
+                    sec = timeit(fn, device)
+                except Exception as exc:  # report, keep going
+                    row = f"| {B}, {T}, {d}, {p} | {consumer} | {backend} | error: {type(exc).__name__}: {exc} | | | | |"
+                else:
+                    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
+                    row = (f"| {B}, {T}, {d}, {p} | {consumer} | {backend} | {sec * 1e3:.3f} | {flops / sec / 1e9:.0f} | "
+                           f"{nbytes / sec / 1e9:.0f} | {peak:.0f} | {roof / 1e9:.0f} |")
+                lines.append(row)
+                print(row, flush=True)
+        os.environ.pop("FASTDD_BACKEND", None)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The main job: per-sample gradients on the bundled digits, with a picture and a table.
+
+Trains the DC ConvNet on digits whose training labels are 10% flipped, with
+``PerSampleGrads`` reading each sample's gradient norm from the training step's own
+backward; the average norm over the last epochs finds the flipped labels. Then it
+times the gradient engine against ``torch.func`` vmap on the whole training set.
+
+    python -m fastdd.demo --out results
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fastdd
+from fastdd.data import load_digits
+from fastdd.metrics import roc_auc
+from fastdd.models import ConvNet
+
+
+def flip_labels(y: torch.Tensor, fraction: float, num_classes: int, seed: int):
+    """Copy of y with ``fraction`` of the labels moved to another class; returns (y_noisy, flipped)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_flip = int(round(fraction * len(y)))
+    idx = torch.randperm(len(y), generator=gen)[:n_flip]
+    y_noisy = y.clone()
+    y_noisy[idx] = (y[idx] + torch.randint(1, num_classes, (n_flip,), generator=gen)) % num_classes
+    flipped = torch.zeros(len(y), dtype=torch.bool)
+    flipped[idx] = True
+    return y_noisy, flipped
+
+
+def train_with_norms(X, y, epochs, batch_size, seed, record_last):
+    """SGD on (X, y); returns the model and each sample's mean gradient norm over the last epochs."""
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model = ConvNet(1, 10, 8, width=32, depth=2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    norm_sum = torch.zeros(len(y))
+    gen = torch.Generator().manual_seed(seed)
+    with fastdd.PerSampleGrads(model, loss_reduction="mean") as ps:
+        for epoch in tqdm(range(epochs), desc="training with per-sample norms", unit="epoch"):
+            for idx in torch.randperm(len(y), generator=gen).split(batch_size):
+                opt.zero_grad()
+                F.cross_entropy(model(X[idx]), y[idx]).backward()
+                if epoch >= epochs - record_last:
+                    norm_sum[idx] += ps.norms()  # from the same backward as the step
+                opt.step()
+    return model, norm_sum / record_last
+
+
+def accuracy(model, X, y):
+    with torch.no_grad():
+        return (model(X).argmax(1) == y).float().mean().item()
+
+
+def time_engine(model, X, y, repeat=3):
+    """Seconds for per-sample grads and norms of the whole set: fastdd vs torch.func vmap."""
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+
+    def best(fn):
+        fn()
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return {
+        "grads, fastdd": best(lambda: fastdd.per_sample_grads(model, X, y)),
+        "grads, vmap": best(lambda: per_sample(params, X, y)),
+        "norms, fastdd": best(lambda: fastdd.per_sample_grad_norms(model, X, y)),
+        "norms, vmap": best(lambda: sum(g.flatten(1).square().sum(1) for g in per_sample(params, X, y).values()).sqrt()),
+    }
+
+
+def save_figure(path, norms, flipped, X, y_noisy, y_clean, preds, auc):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(12, 5.2))
+    ax = fig.add_axes([0.05, 0.12, 0.36, 0.78])
+    bins = torch.linspace(0, float(norms.max()), 40).numpy()
+    ax.hist(norms[~flipped].numpy(), bins=bins, alpha=0.7, label="clean labels")
+    ax.hist(norms[flipped].numpy(), bins=bins, alpha=0.7, label="flipped labels")
+    ax.set_xlabel("mean per-sample gradient norm, last epochs")
+    ax.set_ylabel("training samples")
+    ax.set_title(f"gradient norm separates flipped labels (ROC AUC {auc:.3f})")
+    ax.legend()
+    top = torch.argsort(norms, descending=True)[:18]
+    for k, i in enumerate(top.tolist()):
+        sub = fig.add_axes([0.46 + (k % 6) * 0.09, 0.62 - (k // 6) * 0.29, 0.08, 0.22])
+        sub.imshow(X[i, 0].numpy(), cmap="gray_r")
+        sub.set_xticks([])
+        sub.set_yticks([])
+        color = "tab:red" if flipped[i] else "black"
+        sub.set_title(f"given {int(y_noisy[i])}, true {int(y_clean[i])}\npred {int(preds[i])}", fontsize=8, color=color)
+    fig.text(0.46, 0.93, "highest gradient norms (red: label was flipped)", fontsize=11)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="fastdd demo: per-sample gradients on the bundled digits")
+    ap.add_argument("--out", default="results", help="folder for the report (default: results)")
+    ap.add_argument("--epochs", type=int, default=30, help="training epochs (default: 30)")
+    ap.add_argument("--flip", type=float, default=0.1, help="fraction of training labels flipped (default: 0.1)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = ap.parse_args(argv)
+    if not 0.0 < args.flip < 1.0:
+        ap.error(f"--flip must be in (0, 1), got {args.flip}")
+    if args.epochs < 2:
+        ap.error(f"--epochs must be at least 2, got {args.epochs}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+
+    data = load_digits(seed=args.seed)
+    y_noisy, flipped = flip_labels(data.y_train, args.flip, 10, args.seed)
+    record_last = max(1, args.epochs // 3)
+    model, norms = train_with_norms(data.X_train, y_noisy, args.epochs, 64, args.seed, record_last)
+    model.eval()
+    auc = roc_auc(norms, flipped)
+    test_acc = accuracy(model, data.X_test, data.y_test)
+    with torch.no_grad():
+        preds = model(data.X_train).argmax(1)
+    print(f"test accuracy {test_acc:.3f}; ROC AUC of gradient norms for flipped labels {auc:.3f}")
+    timings = time_engine(model, data.X_train, y_noisy)
+
+    figure = "per_sample_gradients.png"
+    save_figure(os.path.join(args.out, figure), norms, flipped, data.X_train, y_noisy, data.y_train, preds, auc)
+    n = len(y_noisy)
+    lines = [
+        "# Per-sample gradients on digits",
+        "",
+        f"DC ConvNet (width 32, depth 2) trained {args.epochs} epochs on the digits training split "
+        f"({n} images) with {flipped.sum().item()} labels ({args.flip:.0%}) flipped. `PerSampleGrads` read each "
+        f"sample's gradient norm from the training step's own backward over the last {record_last} epochs.",
+        "",
+        f"- test accuracy (clean test labels): **{test_acc:.3f}**",
+        f"- ROC AUC of the mean gradient norm for finding flipped labels: **{auc:.3f}**",
+        "",
+        f"![gradient norms]({figure})",
+        "",
+        f"## Engine timings on the whole training set ({n} samples, {torch.get_num_threads()} threads, best of 3)",
+        "",
+        "| what | seconds | vs fastdd |",
+        "|---|---|---|",
+    ]
+    for key, sec in timings.items():
+        base = timings[key.split(",")[0] + ", fastdd"]
+        lines.append(f"| {key} | {sec:.3f} | {sec / base:.2f}x |")
+    with open(os.path.join(args.out, "per_sample_gradients.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "README.md"), "w") as f:
+        f.write("# fastdd demo results\n\n- [Per-sample gradients on digits](per_sample_gradients.md): "
+                f"flipped-label detection (ROC AUC {auc:.3f}) and engine timings\n")
+    print(f"wrote {args.out}/README.md, {args.out}/per_sample_gradients.md and {args.out}/{figure}")
+
+
+if __name__ == "__main__":
+    main()
