@@ -1,12 +1,13 @@
 """Per-sample gradients: fastdd against torch.func vmap and a per-sample Python loop.
 
 Each measurement runs in fresh processes: one times it, one reads its peak memory
-(VmHWM above the RSS after set-up). Timing processes keep freed memory in glibc's
-heap (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_) so that page faults of
-large temporaries, which swing CPU timings by 1.5x from run to run here, do not
-decide the result; --system-malloc times with the default allocator instead. The
-write roofline is the time to fill a buffer of the bytes that materialized
-per-sample gradients occupy, measured in the same run.
+(VmHWM above the RSS after set-up). Page faults of large temporaries swing CPU
+timings here by up to 1.5x from run to run, so the table gives the median and the
+minimum; --steady-malloc keeps freed memory in glibc's heap while timing
+(MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), which steadies one-shot calls but
+penalizes PerSampleGrads in a loop (it holds a step's activations until the next
+forward). The write roofline is the time to fill buffers of the bytes that
+materialized per-sample gradients occupy, measured in the same run.
 
     python bench/bench_per_sample.py [--threads 2] [--repeat 5] [--out results/bench_per_sample.md]
 """
@@ -221,8 +222,7 @@ def child(workload, consumer, method, threads, repeat, what):
 
 
 # --------------------------------------------------------------------------- parent side
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
-                 "MALLOC_TOP_PAD_": str(256 << 20)}
+STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
 
 
 def _run_child(workload, consumer, method, threads, repeat, what, env):
@@ -234,9 +234,9 @@ def _run_child(workload, consumer, method, threads, repeat, what, env):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_one(workload, consumer, method, threads, repeat, system_malloc=False):
+def run_one(workload, consumer, method, threads, repeat, steady_malloc=False):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    timing_env = env if system_malloc else dict(env, **STEADY_MALLOC)
+    timing_env = dict(env, **STEADY_MALLOC) if steady_malloc else env
     timing = _run_child(workload, consumer, method, threads, repeat, "time", timing_env)
     if "error" in timing:
         return timing
@@ -247,10 +247,10 @@ def run_one(workload, consumer, method, threads, repeat, system_malloc=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    ap.add_argument("--repeat", type=int, default=5, help="timed runs per measurement (default 5)")
+    ap.add_argument("--repeat", type=int, default=15, help="timed runs per measurement (default 15)")
     ap.add_argument("--only", default=None, help="comma-separated workloads to run")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
-    ap.add_argument("--system-malloc", action="store_true", help="time with glibc's default allocator settings")
+    ap.add_argument("--steady-malloc", action="store_true", help="time with freed memory kept in glibc's heap")
     ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "CONSUMER", "METHOD", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -266,7 +266,7 @@ def main():
         f"# Per-sample gradients: fastdd vs torch.func vmap vs a Python loop",
         "",
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-        f"median of {args.repeat} runs ({'default' if args.system_malloc else 'steady'} malloc); "
+        f"median and min of {args.repeat} runs ({'steady' if args.steady_malloc else 'default'} malloc); "
         "peak = extra resident memory during one call.",
         "",
         "| workload | consumer | method | median (ms) | min (ms) | vs fastdd (median) | peak (MB) | GB/s written |",
@@ -276,7 +276,7 @@ def main():
     for workload, consumer, methods in PLAN:
         if only and workload not in only:
             continue
-        results = {m: run_one(workload, consumer, m, args.threads, args.repeat, args.system_malloc) for m in methods}
+        results = {m: run_one(workload, consumer, m, args.threads, args.repeat, args.steady_malloc) for m in methods}
         base = results.get("fastdd", {}).get("median_s")  # None when fastdd failed
         for m in methods:
             r = results[m]

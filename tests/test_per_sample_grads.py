@@ -266,3 +266,12 @@ def test_module_reused_twice_sums_contributions():
     got = fastdd.per_sample_grads(model, x, y)
     for n in expected:
         assert_close(got[n], expected[n], name=n, **TOL)
+
+
+def test_fallback_chunks_give_the_same_answer():
+    model, x, y, loss = build("fallback", B=7)
+    expected = oracle(model, x, y, loss)
+    for chunk in (1, 3, None):
+        got = fastdd.per_sample_grads(model, x, y, chunk_size=chunk)
+        for n in expected:
+            assert_close(got[n], expected[n], name=f"chunk={chunk}:{n}", **TOL)

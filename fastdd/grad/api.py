@@ -82,7 +82,7 @@ def per_sample_grads(model: nn.Module, inputs, targets: torch.Tensor, loss_fn: L
     >>> g["weight"].shape
     torch.Size([8, 3, 4])
     """
-    return _capture_backward(model, inputs, targets, loss_fn, params).grads(out)
+    return _capture_backward(model, inputs, targets, loss_fn, params).grads(out, chunk_size)
 
 
 def per_sample_grad_norms(model: nn.Module, inputs, targets: torch.Tensor, loss_fn: LossFn | None = None,
@@ -210,7 +210,7 @@ class PerSampleGrads:
 
     def grads(self, out: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """``{name: [B, *shape]}`` per-sample gradients of the last step."""
-        return self._engine().grads(out)
+        return self._engine().grads(out, self.chunk_size)
 
     def norms(self) -> torch.Tensor:
         """``[B]`` per-sample gradient norms of the last step (fp32)."""

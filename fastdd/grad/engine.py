@@ -254,6 +254,9 @@ class _RuleSource:
         local_out = None if out is None else {k: out[f] for k, f in self.names.items() if f in out}
         return self._pick(self.rule.materialize(self.call.module, self.call.x[s], self.g[s], out=local_out))
 
+    def materialize_full(self, out=None, chunk_size=None):
+        return self.materialize(out=out)
+
     def sq_norms(self, chunk_size):
         return self._pick(self.rule.sq_norms(self.call.module, self.call.x, self.g, chunk_size))
 
@@ -323,6 +326,18 @@ class _FuncSource:
     def _chunks(self, chunk_size):
         numel = sum(p.numel() for p in self.params.values())
         return chunks(self.call.batch_size, rows_per_chunk(self.call.batch_size, 12 * numel, chunk_size))
+
+    def materialize_full(self, out=None, chunk_size=None):
+        """All samples, a chunk of vmap at a time (bounds the vmap's temporaries)."""
+        B = self.call.batch_size
+        result = {}
+        for s in self._chunks(chunk_size):
+            for name, grad in self.materialize(s).items():
+                if name not in result:
+                    buf = None if out is None else out.get(name)
+                    result[name] = buf if buf is not None else grad.new_empty((B, *grad.shape[1:]))
+                result[name][s] = grad
+        return result
 
     def sq_norms(self, chunk_size):
         out = {}
@@ -436,7 +451,7 @@ class _Engine:
         p = self.selected[name]
         return torch.zeros((*lead, *p.shape), dtype=dtype or p.dtype, device=p.device)
 
-    def grads(self, out: dict | None = None) -> dict[str, torch.Tensor]:
+    def grads(self, out: dict | None = None, chunk_size=None) -> dict[str, torch.Tensor]:
         B = self.batch_size
         result = {}
         done = set()
@@ -450,14 +465,14 @@ class _Engine:
                     continue
                 done.add(id(src))
                 # one source may serve several parameters (weight and bias of a layer)
-                res = src.materialize(out=out)
+                res = src.materialize_full(out=out, chunk_size=chunk_size)
                 for f, t in res.items():
                     if len(self.sources[f]) == 1:
                         result[f] = _into(out, f, t)
                 continue
             total = None
             for src in srcs:
-                t = src.materialize()[name]
+                t = src.materialize_full(chunk_size=chunk_size)[name]
                 total = t.clone() if total is None else total.add_(t)
             result[name] = _into(out, name, total if total is not None else self._zeros(name, (B,)))
         for name in self.sources:

@@ -248,6 +248,14 @@ class EmbeddingRule(Rule):
             out[s] = (torch.bmm(gs, gs.transpose(1, 2)) * same).sum((1, 2))
         return {"weight": out}
 
+    def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
+        # scatter each (sample, t) row into row (class, idx) of [C * N, D]: never [B, N, D]
+        idx, G = self._idx_grad(m, x, g)
+        N, D = m.num_embeddings, m.embedding_dim
+        out = G.new_zeros((num_classes * N, D), dtype=torch.float32)
+        out.index_add_(0, (idx + N * labels.unsqueeze(1)).reshape(-1), G.reshape(-1, D).float())
+        return {"weight": out.view(num_classes, N, D)}
+
     def dots(self, m, x, g, vectors, chunk_size=None):
         # sum_t g_t . V_k[idx_t]: gather rows of V (B T K D), never [B, N, D]
         idx, G = self._idx_grad(m, x, g)
