@@ -242,30 +242,40 @@ class _Capture:
 
 # --------------------------------------------------------------------------- sources
 class _RuleSource:
-    """Parameters of one call of a module with a hand-written rule."""
+    """Parameters of one call of a module with a hand-written rule.
 
-    def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor):
+    ``scale`` multiplies the output gradient g (a mean-reduced loss divided it by B):
+    materialization scales g once; norms, dots and class sums scale their small results.
+    """
+
+    def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor, scale: float = 1.0):
         self.call, self.rule, self.names, self.g = call, rule, names, g  # names: local -> full
+        self.scale = scale
+        self._g_scaled = None
 
-    def _pick(self, res: dict) -> dict:
-        return {self.names[k]: v for k, v in res.items() if k in self.names}
+    def _pick(self, res: dict, factor: float = 1.0) -> dict:
+        return {self.names[k]: (v * factor if factor != 1.0 else v) for k, v in res.items() if k in self.names}
 
     def materialize(self, s=slice(None), out=None):
+        if self._g_scaled is None:
+            self._g_scaled = self.g * self.scale if self.scale != 1.0 else self.g
         local_out = None if out is None else {k: out[f] for k, f in self.names.items() if f in out}
-        return self._pick(self.rule.materialize(self.call.module, self.call.x[s], self.g[s], out=local_out))
+        return self._pick(self.rule.materialize(self.call.module, self.call.x[s], self._g_scaled[s], out=local_out))
 
     def materialize_full(self, out=None, chunk_size=None):
         return self.materialize(out=out)
 
     def sq_norms(self, chunk_size):
-        return self._pick(self.rule.sq_norms(self.call.module, self.call.x, self.g, chunk_size))
+        return self._pick(self.rule.sq_norms(self.call.module, self.call.x, self.g, chunk_size), self.scale ** 2)
 
     def dots(self, vectors, chunk_size):
         local = {k: vectors[f] for k, f in self.names.items() if f in vectors}
-        return self.rule.dots(self.call.module, self.call.x, self.g, local, chunk_size)
+        res = self.rule.dots(self.call.module, self.call.x, self.g, local, chunk_size)
+        return res * self.scale if self.scale != 1.0 else res
 
     def class_sums(self, labels, num_classes, chunk_size):
-        return self._pick(self.rule.class_sums(self.call.module, self.call.x, self.g, labels, num_classes, chunk_size))
+        res = self.rule.class_sums(self.call.module, self.call.x, self.g, labels, num_classes, chunk_size)
+        return self._pick(res, self.scale)
 
 
 class _FuncSource:
@@ -433,17 +443,17 @@ class _Engine:
                 names = {k: f for k, f in capture.owned.get(call.module, {}).items() if f not in orphans}
                 if not names or all(g is None for g in call.grads):
                     continue
-                grads = [None if g is None else (g * scale if scale != 1.0 else g) for g in call.grads]
                 rule = capture.rules.get(call.module)
                 if rule is not None:
-                    src = _RuleSource(call, rule, names, grads[0])
+                    src = _RuleSource(call, rule, names, call.grads[0], scale)
                 else:
-                    src = _FuncSource(call, names, self.selected, grads, capture, capture.module_names[call.module])
+                    src = _FuncSource(call, names, self.selected, _scaled(call.grads, scale), capture,
+                                      capture.module_names[call.module])
                 for f in set(names.values()):
                     self.sources[f].append(src)
             if orphans:
-                grads = [None if g is None else (g * scale if scale != 1.0 else g) for g in root.grads]
-                src = _FuncSource(root, {f: f for f in orphans}, self.selected, grads, capture, "<model>")
+                src = _FuncSource(root, {f: f for f in orphans}, self.selected, _scaled(root.grads, scale), capture,
+                                  "<model>")
                 for f in orphans:
                     self.sources[f].append(src)
 
@@ -530,6 +540,12 @@ class _Engine:
                 for f, t in src.class_sums(labels, num_classes, chunk_size).items():
                     out[f] += t
         return out
+
+
+def _scaled(grads: list, scale: float) -> list:
+    if scale == 1.0:
+        return grads
+    return [None if g is None else g * scale for g in grads]
 
 
 def _into(out, name, t):
