@@ -7,7 +7,7 @@ extension is JIT-built from `csrc/` on first use on a GPU machine.
 """
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules, cmdclass = [], {}
 if os.environ.get("FASTDD_BUILD_CUDA") == "1":
@@ -30,14 +30,7 @@ setup(
     version="0.1.0",
     description="Data valuation, pruning and dataset distillation over fast per-sample gradients",
     python_requires=">=3.10",
-    packages=[
-        "fastdd",
-        "fastdd.grad",
-        "fastdd.data",
-        "fastdd.models",
-        "fastdd.kernels",
-        "fastdd.csrc",
-    ],
+    packages=find_packages(include=["fastdd", "fastdd.*"]) + ["fastdd.kernels", "fastdd.csrc"],
     # kernels/ and csrc/ sit at the top of the repo but install inside fastdd;
     # csrc/ ships its sources so the extension can be JIT-built after `pip install .`.
     package_dir={"fastdd.kernels": "kernels", "fastdd.csrc": "csrc"},

@@ -1,11 +1,12 @@
-"""The demo end to end at a small setting: it writes its report and finds flipped labels."""
+"""The demo end to end at small settings: it writes its reports, finds flipped labels,
+and draws pruning curves."""
 import re
 
 from fastdd import demo
 
 
-def test_demo_writes_report_and_flags_flipped_labels(tmp_path):
-    demo.main(["--out", str(tmp_path), "--epochs", "12", "--threads", "1"])
+def test_demo_per_sample_section(tmp_path):
+    demo.main(["--out", str(tmp_path), "--epochs", "12", "--threads", "1", "--only", "grad"])
     report = (tmp_path / "per_sample_gradients.md").read_text()
     assert (tmp_path / "per_sample_gradients.png").stat().st_size > 10_000
     assert "per_sample_gradients.md" in (tmp_path / "README.md").read_text()
@@ -13,3 +14,15 @@ def test_demo_writes_report_and_flags_flipped_labels(tmp_path):
     acc = float(re.search(r"test accuracy \(clean test labels\): \*\*([0-9.]+)", report).group(1))
     assert auc > 0.9, report  # noisy labels stand out by their gradient norms
     assert acc > 0.85, report
+
+
+def test_demo_pruning_section(tmp_path):
+    demo.main(["--out", str(tmp_path), "--epochs", "3", "--seeds", "1", "--threads", "1", "--only", "pruning"])
+    report = (tmp_path / "pruning.md").read_text()
+    assert (tmp_path / "pruning_curve.png").stat().st_size > 10_000
+    rows = re.findall(r"^\| (\d+)% \| ([0-9.]+) ± [0-9.]+ \| ([0-9.]+) ± [0-9.]+ \| ([0-9.]+) ± [0-9.]+ \|$", report, re.M)
+    assert [r[0] for r in rows] == ["10", "20", "30", "50", "70", "100"]
+    full = rows[-1]
+    assert full[1] == full[2] == full[3]  # 100% kept: every policy trains on the same data
+    assert float(full[1]) > float(rows[0][3]), report  # all the data beats 10% random
+    assert "pruning.md" in (tmp_path / "README.md").read_text()

@@ -1,0 +1,182 @@
+"""k-means (k-means++ seeding, Lloyd iterations) and self-supervised prototype scores.
+
+Assignments are computed a chunk of rows at a time (``||x||^2 - 2 x.c + ||c||^2``
+through one GEMM per chunk), so no more than ``chunk x k`` distances ever exist.
+Works on any device the data lives on.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .._chunking import chunks
+from .._validate import as_labels, as_matrix, check_positive_int
+
+METRICS = ("euclidean", "cosine")
+
+
+class KMeansResult(NamedTuple):
+    centroids: torch.Tensor  # [k, d] (unit norm for the cosine metric)
+    assignments: torch.Tensor  # [N] int64
+    objective: float  # sum of squared distances (euclidean) or of 1 - cos (cosine)
+    n_iter: int
+    history: list  # objective after each assignment step of the best run
+
+
+def _prepare(X, metric):
+    if metric not in METRICS:
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    X = X.float()
+    if metric == "cosine":
+        norms = X.norm(dim=1)
+        if (norms == 0).any():
+            raise ValueError(f"the cosine metric needs non-zero rows; rows {torch.nonzero(norms == 0).flatten()[:5].tolist()} are zero")
+        X = X / norms.unsqueeze(1)
+    return X
+
+
+def assign(X: torch.Tensor, C: torch.Tensor, chunk_size: int | None = None, x_sq: torch.Tensor | None = None):
+    """Nearest centroid and squared distance to it for each row: ``([N], [N])``.
+
+    Rows go in cache-sized chunks (about 4 MB of distances). ``min(dim=1)`` with indices
+    is slow on the CPU for a short inner dim, so the minimum comes from ``amin`` and its
+    index from an equality mask times ``[0..k)`` (a GEMV); exact ties fall back to argmin.
+    """
+    N, k = X.shape[0], C.shape[0]
+    c_sq = C.square().sum(1)
+    if x_sq is None:
+        x_sq = X.square().sum(1)
+    # about 4 MB of distances per chunk, a power of two of rows (odd GEMM sizes run up to 2x slower here)
+    step = chunk_size if chunk_size is not None else 1 << max(8, ((4 << 20) // (4 * k)).bit_length() - 1)
+    idx = torch.empty(N, dtype=torch.long, device=X.device)
+    dist = torch.empty(N, dtype=X.dtype, device=X.device)
+    index_and_one = torch.stack([torch.arange(k, device=X.device, dtype=X.dtype), torch.ones(k, device=X.device, dtype=X.dtype)], 1)
+    for s in chunks(N, max(1, min(N, step))):
+        d = torch.addmm(c_sq.unsqueeze(0), X[s], C.T, alpha=-2.0)  # ||c||^2 - 2 x.c  [rows, k]
+        best = d.amin(1)
+        hits = (d == best.unsqueeze(1)).to(X.dtype) @ index_and_one  # [rows, 2]: index sum, count
+        arg = hits[:, 0].long()
+        tie = hits[:, 1] != 1
+        if tie.any():
+            arg[tie] = d[tie].argmin(1)
+        idx[s] = arg
+        dist[s] = (best + x_sq[s]).clamp_min_(0)
+    return idx, dist
+
+
+def _kmeanspp(X, k, gen, chunk_size):
+    """Greedy k-means++ (2 + log k candidates per step, the best kept), as scikit-learn seeds."""
+    N = X.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(torch.randint(N, (1,), generator=gen))
+    C = X.new_empty(k, X.shape[1])
+    C[0] = X[first]
+    x_sq = X.square().sum(1)
+    closest = (x_sq - 2 * X @ C[0] + C[0].square().sum()).clamp_min_(0)
+    for j in range(1, k):
+        total = closest.sum()
+        if total <= 0:  # fewer distinct points than k: repeat existing ones
+            cand = torch.randint(N, (trials,), generator=gen)
+        else:
+            cand = torch.multinomial((closest / total).cpu(), trials, replacement=True, generator=gen)
+        cand = cand.to(X.device)
+        d = (x_sq.unsqueeze(1) - 2 * X @ X[cand].T + x_sq[cand].unsqueeze(0)).clamp_min_(0)  # [N, trials]
+        new_closest = torch.minimum(closest.unsqueeze(1), d)
+        best = int(new_closest.sum(0).argmin())
+        C[j] = X[cand[best]]
+        closest = new_closest[:, best].contiguous()
+    return C
+
+
+def kmeans(X, k: int, metric: str = "euclidean", n_init: int = 3, max_iter: int = 100, tol: float = 1e-4,
+           seed: int = 0, chunk_size: int | None = None) -> KMeansResult:
+    """k-means of the rows of ``X [N, d]`` into ``k`` clusters.
+
+    k-means++ seeding (greedy, as scikit-learn), Lloyd iterations until the centroids
+    move less than ``tol`` times the mean per-feature variance (scikit-learn's rule), the
+    best of ``n_init`` seeds. ``metric="cosine"`` runs spherical k-means on unit-norm rows
+    (centroids renormalized; objective sum of 1 - cos). An emptied cluster keeps its
+    centroid, so the objective never increases.
+
+    Returns ``KMeansResult(centroids [k, d], assignments [N], objective, n_iter, history)``.
+
+    >>> res = kmeans(torch.randn(100, 4), k=3)
+    >>> res.centroids.shape, res.assignments.shape
+    (torch.Size([3, 4]), torch.Size([100]))
+    """
+    X = as_matrix(X, "X")
+    check_positive_int(k, "k")
+    if k > X.shape[0]:
+        raise ValueError(f"k={k} is larger than the number of points ({X.shape[0]})")
+    check_positive_int(n_init, "n_init")
+    check_positive_int(max_iter, "max_iter")
+    Xw = _prepare(X, metric)
+    threshold = tol * Xw.var(0, unbiased=False).mean().item() if Xw.shape[0] > 1 else 0.0
+    x_sq = Xw.square().sum(1)
+    gen = torch.Generator().manual_seed(seed)
+    best = None
+    for _ in range(n_init):
+        C = _kmeanspp(Xw, k, gen, chunk_size)
+        history = []
+        for it in range(1, max_iter + 1):
+            labels, dist = assign(Xw, C, chunk_size, x_sq)
+            history.append(_objective(dist, metric))
+            sums = torch.zeros_like(C).index_add_(0, labels, Xw)
+            counts = torch.bincount(labels, minlength=k)
+            nonempty = counts > 0
+            C_new = C.clone()
+            C_new[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(Xw.dtype)
+            if metric == "cosine":
+                C_new[nonempty] = F.normalize(C_new[nonempty], dim=1)
+            shift = (C_new - C).square().sum().item()
+            C = C_new
+            if shift <= threshold:
+                break
+        labels, dist = assign(Xw, C, chunk_size, x_sq)
+        obj = _objective(dist, metric)
+        history.append(obj)
+        if best is None or obj < best.objective:
+            best = KMeansResult(C, labels, obj, it, history)
+    return best
+
+
+def _objective(sq_dist, metric):
+    # for unit vectors ||x - c||^2 = 2 (1 - cos)
+    return float(sq_dist.sum() / 2) if metric == "cosine" else float(sq_dist.sum())
+
+
+def prototype_scores(embeddings, n_clusters: int, labels=None, n_init: int = 3, max_iter: int = 100,
+                     seed: int = 0, chunk_size: int | None = None) -> torch.Tensor:
+    """Difficulty of each example: cosine distance to its nearest k-means centroid.
+
+    The self-supervised prototype metric of Sorscher et al. (2022): cluster the
+    (ideally self-supervised) embeddings ``[N, d]`` with spherical k-means; prototypical
+    examples sit near a centroid (easy), atypical ones far from every centroid (hard).
+    With ``labels``, each class is clustered on its own (``min(n_clusters, class size)``
+    clusters), which also makes mislabelled examples far from their class score hard.
+
+    Returns ``[N]`` scores in [0, 2]; larger is harder.
+    """
+    E = as_matrix(embeddings, "embeddings")
+    check_positive_int(n_clusters, "n_clusters")
+    if labels is None:
+        if n_clusters > E.shape[0]:
+            raise ValueError(f"n_clusters={n_clusters} is larger than the number of points ({E.shape[0]})")
+        res = kmeans(E, n_clusters, metric="cosine", n_init=n_init, max_iter=max_iter, seed=seed, chunk_size=chunk_size)
+        return _cosine_distance_to_nearest(E, res.centroids)
+    labels = as_labels(labels, "labels", n=E.shape[0])
+    scores = torch.empty(E.shape[0], dtype=torch.float32, device=E.device)
+    for c in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == c).flatten()
+        res = kmeans(E[rows], min(n_clusters, len(rows)), metric="cosine", n_init=n_init, max_iter=max_iter,
+                     seed=seed, chunk_size=chunk_size)
+        scores[rows] = _cosine_distance_to_nearest(E[rows], res.centroids)
+    return scores
+
+
+def _cosine_distance_to_nearest(E, centroids):
+    _, sq = assign(F.normalize(E.float(), dim=1), centroids)
+    return sq / 2  # 1 - cos for unit vectors

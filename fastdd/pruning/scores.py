@@ -1,0 +1,127 @@
+"""Training-dynamics difficulty scores: EL2N, GraNd (through the gradient engine), forgetting."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._validate import as_labels, check_positive_int
+from ..grad import per_sample_grad_norms
+from ..train import predict, train_model
+
+ModelFactory = Callable[[], nn.Module]
+
+
+def _check_xy(X, y):
+    if not isinstance(X, torch.Tensor) or X.dim() < 2:
+        raise ValueError(f"X must be a tensor [N, ...], got {type(X).__name__} {tuple(getattr(X, 'shape', ()))}")
+    return as_labels(y, "y", n=X.shape[0])
+
+
+def _fresh(model_fn: ModelFactory, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model_fn must return an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def el2n_scores(model_fn: ModelFactory, X: torch.Tensor, y, epochs: int = 10, n_runs: int = 5,
+                seed: int = 0, **train_options) -> torch.Tensor:
+    """EL2N (Paul et al. 2021): ``||softmax(f(x)) - onehot(y)||_2`` after ``epochs`` of training,
+    averaged over ``n_runs`` fresh models from ``model_fn()``. Larger is harder.
+
+    ``train_options`` go to :func:`fastdd.train.train_model` (batch_size, lr, ...).
+    Returns ``[N]`` fp32 scores.
+    """
+    y = _check_xy(X, y)
+    check_positive_int(n_runs, "n_runs")
+    total = torch.zeros(len(y))
+    for run in range(n_runs):
+        model = train_model(_fresh(model_fn, seed + run), X, y, epochs=epochs, seed=seed + run, **train_options)
+        probs = F.softmax(predict(model, X).float(), dim=1)
+        total += (probs - F.one_hot(y, probs.shape[1]).float()).norm(dim=1).cpu()
+    return total / n_runs
+
+
+def grand_scores(model, X: torch.Tensor, y, n_models: int = 1, epochs: int = 0, batch_size: int = 512,
+                 params=None, seed: int = 0, **train_options) -> torch.Tensor:
+    """GraNd (Paul et al. 2021): the expected norm of each example's loss gradient.
+
+    ``model`` is an ``nn.Module`` (scored as it is; ``n_models`` must be 1) or a factory
+    ``() -> nn.Module`` whose ``n_models`` fresh models are trained ``epochs`` epochs and
+    averaged. Norms come from the gradient engine without materializing per-sample
+    gradients. Returns ``[N]`` fp32 scores; larger is harder.
+    """
+    y = _check_xy(X, y)
+    check_positive_int(n_models, "n_models")
+    check_positive_int(batch_size, "batch_size")
+    if isinstance(model, nn.Module):
+        if n_models != 1 or epochs:
+            raise ValueError("with a model instance, n_models must be 1 and epochs 0; pass a factory to average fresh models")
+        models = [model]
+    else:
+        models = (train_model(_fresh(model, seed + i), X, y, epochs=epochs, seed=seed + i, **train_options)
+                  if epochs else _fresh(model, seed + i).eval() for i in range(n_models))
+    total = torch.zeros(len(y))
+    for m in models:
+        for start in range(0, len(y), batch_size):
+            sl = slice(start, start + batch_size)
+            total[sl] += per_sample_grad_norms(m, X[sl], y[sl], params=params).cpu()
+    return total / n_models
+
+
+class ForgettingTracker:
+    """Counts forgetting events (Toneva et al. 2019) during a user's training loop.
+
+    A forgetting event is an example classified correctly at one presentation and
+    wrongly at its next. Call :meth:`update` with each mini-batch's indices and
+    predictions (or correctness)::
+
+        tracker = ForgettingTracker(len(train_set))
+        for idx, x, y in loader:
+            logits = model(x)
+            tracker.update(idx, logits.argmax(1) == y)
+            ...
+
+    ``scores()`` gives the counts, with never-learned examples ranked hardest
+    (``never_learned`` = one more than the largest count, by default).
+    """
+
+    def __init__(self, n_samples: int):
+        check_positive_int(n_samples, "n_samples")
+        self.n_samples = n_samples
+        self.forgetting = torch.zeros(n_samples, dtype=torch.long)
+        self.last_correct = torch.zeros(n_samples, dtype=torch.bool)
+        self.learned = torch.zeros(n_samples, dtype=torch.bool)
+        self.presentations = torch.zeros(n_samples, dtype=torch.long)
+
+    def update(self, indices, correct) -> None:
+        """Record one presentation of ``indices [b]`` with ``correct [b]`` (bool)."""
+        indices = torch.as_tensor(indices).long().flatten().cpu()
+        correct = torch.as_tensor(correct).bool().flatten().cpu()
+        if len(indices) != len(correct):
+            raise ValueError(f"indices has {len(indices)} entries but correct has {len(correct)}")
+        if len(indices) and (indices.min() < 0 or indices.max() >= self.n_samples):
+            raise ValueError(f"indices must lie in [0, {self.n_samples})")
+        if len(torch.unique(indices)) != len(indices):
+            raise ValueError("indices repeat within one update; record each presentation separately")
+        seen = self.presentations[indices] > 0
+        forgot = seen & self.last_correct[indices] & ~correct
+        self.forgetting[indices] += forgot.long()
+        self.last_correct[indices] = correct
+        self.learned[indices] |= correct
+        self.presentations[indices] += 1
+
+    def unforgettable(self) -> torch.Tensor:
+        """``[N]`` bool: learned at some presentation and never forgotten."""
+        return self.learned & (self.forgetting == 0)
+
+    def scores(self, never_learned: float | None = None) -> torch.Tensor:
+        """``[N]`` fp32 forgetting counts; never-learned examples get ``never_learned``."""
+        s = self.forgetting.float()
+        fill = float(self.forgetting.max()) + 1 if never_learned is None else float(never_learned)
+        s[~self.learned] = fill
+        return s

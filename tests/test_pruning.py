@@ -1,0 +1,270 @@
+"""Pruning: k-means, prototype scores, selection, GraNd, EL2N, forgetting, pruning curves."""
+import warnings
+
+import pytest
+import torch
+
+import fastdd
+from fastdd.data import load_digits
+from fastdd.metrics import roc_auc
+from fastdd.models import MLP
+from fastdd.pruning import (ForgettingTracker, el2n_scores, grand_scores, herding, kcenter_greedy, kmeans,
+                            prototype_scores, pruning_curve, recommend_keep, select, self_supervised_embeddings)
+from conftest import assert_close
+from helpers import flat_sq_norms, vmap_per_sample_grads
+
+
+def blobs(n=600, d=5, centers=6, seed=0, spread=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    C = torch.randn(centers, d, generator=gen) * 5
+    lab = torch.randint(0, centers, (n,), generator=gen)
+    return C[lab] + spread * torch.randn(n, d, generator=gen), lab
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits()
+
+
+def _corrupt(n, fraction=0.1, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    bad = torch.randperm(n, generator=gen)[: int(fraction * n)]
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[bad] = True
+    return bad, mask, gen
+
+
+# ------------------------------------------------------------------ k-means
+@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
+def test_kmeans_objective_never_increases(metric):
+    X, _ = blobs(800, centers=8, spread=2.0)
+    res = kmeans(X, 8, metric=metric, n_init=1, max_iter=50, tol=0.0)
+    hist = torch.tensor(res.history, dtype=torch.float64)
+    assert len(hist) > 2
+    assert torch.all(hist[1:] <= hist[:-1] * (1 + 1e-6) + 1e-6), hist
+
+
+def test_kmeans_matches_sklearn_objective():
+    cluster = pytest.importorskip("sklearn.cluster")
+    X, _ = blobs(2000, d=8, centers=10, spread=1.5)
+    ours = kmeans(X, 10, n_init=3, seed=0)
+    theirs = cluster.KMeans(10, n_init=3, random_state=0).fit(X.numpy())
+    assert ours.objective <= theirs.inertia_ * 1.01, (ours.objective, theirs.inertia_)
+    assert abs(ours.objective - theirs.inertia_) / theirs.inertia_ < 0.01
+
+
+def test_kmeans_chunked_assignment_is_identical():
+    X, _ = blobs(300)
+    a = kmeans(X, 6, seed=1)
+    b = kmeans(X, 6, seed=1, chunk_size=7)
+    assert torch.equal(a.assignments, b.assignments)
+    assert_close(a.centroids, b.centroids, atol=1e-5, rtol=1e-5, name="centroids")
+
+
+def test_kmeans_bad_input():
+    X, _ = blobs(10)
+    with pytest.raises(ValueError, match="k=11 is larger than the number of points"):
+        kmeans(X, 11)
+    X[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="X contains NaN or inf.*first rows \\[3\\]"):
+        kmeans(X, 2)
+    with pytest.raises(ValueError, match="metric must be"):
+        kmeans(torch.randn(5, 2), 2, metric="manhattan")
+
+
+# ------------------------------------------------------------------ prototype scores
+def test_prototype_scores_outliers_are_hard():
+    X, _ = blobs(500)
+    gen = torch.Generator().manual_seed(3)
+    outliers = torch.randn(25, X.shape[1], generator=gen) * 20  # far from every cluster
+    E = torch.cat([X, outliers])
+    mask = torch.zeros(len(E), dtype=torch.bool)
+    mask[-25:] = True
+    assert roc_auc(prototype_scores(E, 6), mask) > 0.9
+
+
+def test_prototype_scores_flag_corrupted_digits(digits):
+    X = digits.X_train.clone()
+    bad, mask, gen = _corrupt(len(X))
+    X[bad] = X[bad] + 1.5 * torch.randn(X[bad].shape, generator=gen)  # heavy pixel noise
+    auc = roc_auc(prototype_scores(X.flatten(1), 10), mask)
+    assert auc >= 0.8, auc
+
+
+def test_prototype_scores_flag_mislabelled_digits_on_ssl_embeddings(digits):
+    bad, mask, gen = _corrupt(len(digits.y_train), seed=1)
+    y = digits.y_train.clone()
+    y[bad] = (y[bad] + torch.randint(1, 10, (len(bad),), generator=gen)) % 10
+    E = self_supervised_embeddings(digits.X_train, epochs=8)
+    auc = roc_auc(prototype_scores(E, 1, labels=y), mask)
+    assert auc >= 0.8, auc
+
+
+def test_self_supervised_embeddings_group_classes(digits):
+    E = torch.nn.functional.normalize(self_supervised_embeddings(digits.X_train, epochs=5), dim=1)
+    sim = E @ E.T
+    sim.fill_diagonal_(-2)
+    nearest = sim.argmax(1)
+    acc = (digits.y_train[nearest] == digits.y_train).float().mean().item()
+    assert acc > 0.8, acc  # no labels were used; chance is 0.1
+
+
+# ------------------------------------------------------------------ selection
+@pytest.mark.parametrize("keep", ["hard", "easy", "random"])
+@pytest.mark.parametrize("fraction", [0.1, 0.37, 1.0])
+def test_select_exact_fraction_balance_and_determinism(keep, fraction):
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(1000) % 10
+    scores = torch.rand(1000, generator=gen)
+    idx = select(scores, fraction, keep=keep, labels=labels, seed=5)
+    assert len(idx) == round(fraction * 1000)
+    assert len(torch.unique(idx)) == len(idx)
+    counts = torch.bincount(labels[idx], minlength=10)
+    assert counts.max() - counts.min() <= 1  # exact balance up to the remainder
+    assert torch.equal(idx, select(scores, fraction, keep=keep, labels=labels, seed=5))
+    if keep != "random" and fraction < 1:
+        for c in range(10):  # within each class: all kept are harder (easier) than all dropped
+            rows = torch.nonzero(labels == c).flatten()
+            kept = torch.isin(rows, idx)
+            if keep == "hard":
+                assert scores[rows[kept]].min() >= scores[rows[~kept]].max()
+            else:
+                assert scores[rows[kept]].max() <= scores[rows[~kept]].min()
+
+
+def test_select_without_labels_takes_global_extremes():
+    scores = torch.tensor([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert select(scores, 0.4, keep="hard").tolist() == [0, 2]
+    assert select(scores, 0.4, keep="easy").tolist() == [1, 3]
+
+
+def test_select_small_class_keeps_all_and_warns():
+    labels = torch.tensor([0] * 3 + [1] * 50 + [2] * 50)
+    scores = torch.rand(103)
+    with pytest.warns(UserWarning, match=r"classes \[0\] have fewer points \(\[3\]\)"):
+        idx = select(scores, 0.5, keep="hard", labels=labels)
+    counts = torch.bincount(labels[idx], minlength=3)
+    assert counts.tolist() == [3, 24, 25] or counts.tolist() == [3, 25, 24]
+    assert len(idx) == round(0.5 * 103)
+
+
+def test_select_bad_input():
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 0"):
+        select(torch.rand(5), 0)
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\], got 1.5"):
+        select(torch.rand(5), 1.5)
+    with pytest.raises(ValueError, match="labels has 4 entries, expected 5"):
+        select(torch.rand(5), 0.5, labels=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        select(torch.tensor([1.0, float("nan")]), 0.5)
+
+
+def test_recommend_keep_states_the_rule():
+    scarce = recommend_keep(1347, 0.5, num_classes=10)
+    assert scarce.keep == "easy" and "scarce" in scarce.reason
+    abundant = recommend_keep(1_000_000, 0.5, num_classes=10)
+    assert abundant.keep == "hard" and "abundant" in abundant.reason
+
+
+def test_kcenter_greedy_covers_better_than_random():
+    X, _ = blobs(400, centers=8, spread=0.3)
+    idx = kcenter_greedy(X, 8, seed=0)
+    assert len(torch.unique(idx)) == 8
+
+    def radius(sel):
+        return torch.cdist(X, X[sel]).min(1).values.max().item()
+
+    gen = torch.Generator().manual_seed(0)
+    random_radii = [radius(torch.randperm(400, generator=gen)[:8]) for _ in range(20)]
+    assert radius(idx) < min(random_radii)
+    # 2-approximation of the optimal covering radius: one point per blob covers within ~2 spreads
+    assert radius(idx) < 4.0
+
+
+def test_herding_tracks_the_mean_better_than_random():
+    X, _ = blobs(500, spread=2.0)
+    idx = herding(X, 20)
+    assert len(torch.unique(idx)) == 20
+    err = (X[idx].mean(0) - X.mean(0)).norm().item()
+    gen = torch.Generator().manual_seed(0)
+    random_errs = [(X[torch.randperm(500, generator=gen)[:20]].mean(0) - X.mean(0)).norm().item() for _ in range(50)]
+    assert err < min(random_errs)
+
+
+def test_set_selection_bad_input():
+    with pytest.raises(ValueError, match="budget=11 is larger than the number of points"):
+        kcenter_greedy(torch.randn(10, 2), 11)
+    with pytest.raises(ValueError, match="embeddings contains NaN"):
+        herding(torch.tensor([[0.0, float("nan")]]), 1)
+
+
+# ------------------------------------------------------------------ training-dynamics scores
+def test_grand_equals_norms_of_materialized_grads():
+    torch.manual_seed(0)
+    model = MLP(20, 4, hidden=(16,))
+    X, y = torch.randn(37, 20), torch.randint(0, 4, (37,))
+    expected = flat_sq_norms(vmap_per_sample_grads(model, X, y)).sqrt()
+    assert_close(grand_scores(model, X, y, batch_size=10), expected, atol=1e-5, rtol=1e-5, name="grand")
+
+
+def test_grand_averages_fresh_models():
+    X, y = torch.randn(12, 20), torch.randint(0, 4, (12,))
+    factory = lambda: MLP(20, 4, hidden=(8,))  # noqa: E731
+    avg = grand_scores(factory, X, y, n_models=3, seed=7)
+    manual = 0
+    for i in range(3):
+        torch.manual_seed(7 + i)
+        manual = manual + fastdd.per_sample_grad_norms(factory(), X, y)
+    assert_close(avg, manual / 3, atol=1e-5, rtol=1e-5, name="grand average")
+
+
+def test_el2n_flags_flipped_labels(digits):
+    bad, mask, gen = _corrupt(len(digits.y_train), seed=2)
+    y = digits.y_train.clone()
+    y[bad] = (y[bad] + torch.randint(1, 10, (len(bad),), generator=gen)) % 10
+    scores = el2n_scores(lambda: MLP(64, 10, hidden=(64,)), digits.X_train, y, epochs=5, n_runs=2)
+    assert scores.shape == (len(y),) and torch.all((scores >= 0) & (scores <= 2 ** 0.5 + 1e-6))
+    assert roc_auc(scores, mask) > 0.9
+
+
+def test_forgetting_counts_on_a_scripted_sequence():
+    t = ForgettingTracker(4)
+    # sample: 0 learned then forgotten twice; 1 always right; 2 never right; 3 right, wrong, right
+    script = [
+        ([0, 1, 2, 3], [1, 1, 0, 1]),
+        ([0, 1, 2, 3], [0, 1, 0, 0]),
+        ([0, 1, 2], [1, 1, 0]),
+        ([3], [1]),
+        ([0], [0]),
+    ]
+    for idx, correct in script:
+        t.update(torch.tensor(idx), torch.tensor(correct).bool())
+    assert t.forgetting.tolist() == [2, 0, 0, 1]
+    assert t.unforgettable().tolist() == [False, True, False, False]
+    assert t.scores().tolist() == [2.0, 0.0, 3.0, 1.0]  # never learned ranks hardest
+    with pytest.raises(ValueError, match="indices must lie in"):
+        t.update(torch.tensor([4]), torch.tensor([True]))
+
+
+# ------------------------------------------------------------------ pruning curve
+def test_pruning_curve_random_points_match_direct_training(digits):
+    X, y = digits.X_train[:400], digits.y_train[:400]
+    Xt, yt = digits.X_test[:200], digits.y_test[:200]
+    scores = torch.rand(len(y), generator=torch.Generator().manual_seed(0))
+
+    def train_fn(Xs, ys, seed):
+        from fastdd.train import train_model
+
+        torch.manual_seed(seed)
+        return train_model(MLP(64, 10, hidden=(32,)), Xs, ys, epochs=5, seed=seed)
+
+    curve = pruning_curve(X, y, Xt, yt, scores, fractions=(0.3, 1.0), n_seeds=2, train_fn=train_fn)
+    from fastdd.train import accuracy
+
+    for s in range(2):
+        idx = select(scores, 0.3, keep="random", labels=y, seed=s)
+        direct = accuracy(train_fn(X[idx], y[idx], s), Xt, yt)
+        assert curve.accuracies["random"][0, s].item() == pytest.approx(direct, abs=1e-9)
+    # at 100% every policy trains on everything
+    assert torch.equal(curve.accuracies["easy"][1], curve.accuracies["hard"][1])
+    assert "| 30% |" in curve.table()
