@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from _report import write_report
+
 SHAPES_GPU = [(256, 1, 784, 512), (32, 128, 512, 512), (64, 256, 1024, 1024), (512, 16, 256, 256)]
 SHAPES_CPU = [(256, 1, 784, 512), (32, 128, 512, 512)]
 K = 8
@@ -95,9 +97,7 @@ def main():
                 lines.append(row)
                 print(row, flush=True)
         os.environ.pop("FASTDD_BACKEND", None)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import time
 
+from _report import write_report
+
 WORKLOADS = {
     "mlp": "MLP 784-512-256-10, B=256",
     "convnet": "ConvNet width 32, depth 3, 28x28, B=128",
@@ -289,10 +291,7 @@ def main():
                        f"{1e3 * r['min_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {gbs} |")
             lines.append(row)
             print(row, flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

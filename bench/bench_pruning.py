@@ -6,19 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
-
-def best_of(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), sorted(times)[len(times) // 2]
+from fastdd._timing import best_of
+from _report import write_report
 
 
 def bench_kmeans(repeat):
@@ -85,10 +77,7 @@ def main():
     for row in bench_kmeans(args.repeat) + bench_grand(args.repeat):
         lines.append(row)
         print(row, flush=True)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write("\n".join(lines) + "\n")
+    write_report(args.out, lines)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fastdd
 from fastdd.data import load_digits
+from fastdd._timing import best_of
 from fastdd.metrics import roc_auc
 from fastdd.models import ConvNet
 from fastdd.train import accuracy, predict, train_model
@@ -67,13 +67,7 @@ def time_engine(model, X, y, repeat=3):
     per_sample = vmap(grad(one), in_dims=(None, 0, 0))
 
     def best(fn):
-        fn()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return best_of(fn, repeat)[0]
 
     return {
         "grads, fastdd": best(lambda: fastdd.per_sample_grads(model, X, y)),

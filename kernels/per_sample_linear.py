@@ -81,6 +81,25 @@ def psg_linear_sqnorm_kernel(
 
 
 @triton.jit
+def _gram_tile(x_ptr, o_t, o_s, T, n, s_t, s_n,
+               BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The fp32 tile ``(X X^T)[o_t, o_s]`` of one sample's X ``[T, n]`` (strides s_t, s_n)."""
+    m_t = o_t < T
+    m_s = o_s < T
+    acc = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, n, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < n
+        b_xt = tl.load(x_ptr + o_t[:, None] * s_t + o_k[None, :] * s_n, mask=m_t[:, None] & m_k[None, :], other=0.0)
+        b_xs = tl.load(x_ptr + o_k[:, None] * s_n + o_s[None, :] * s_t, mask=m_k[:, None] & m_s[None, :], other=0.0)
+        if UPCAST:
+            b_xt = b_xt.to(tl.float32)
+            b_xs = b_xs.to(tl.float32)
+        acc = tl.dot(b_xt, b_xs, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def psg_linear_gram_sqnorm_kernel(
     a_ptr,  # A [B, T, d]
     g_ptr,  # G [B, T, p]
@@ -94,32 +113,8 @@ def psg_linear_gram_sqnorm_kernel(
     i_t, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     o_s = i_s * BLOCK_T + tl.arange(0, BLOCK_T)
-    m_t = o_t < T
-    m_s = o_s < T
-    b_aa = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, d, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < d
-        b_at = tl.load(a_ptr + i_b * s_ab + o_t[:, None] * s_at + o_k[None, :] * s_ad,
-                       mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_as = tl.load(a_ptr + i_b * s_ab + o_k[:, None] * s_ad + o_s[None, :] * s_at,
-                       mask=m_k[:, None] & m_s[None, :], other=0.0)
-        if UPCAST:
-            b_at = b_at.to(tl.float32)
-            b_as = b_as.to(tl.float32)
-        b_aa = tl.dot(b_at, b_as, b_aa, input_precision=PRECISION)
-    b_gg = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
-    for k0 in range(0, p, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < p
-        b_gt = tl.load(g_ptr + i_b * s_gb + o_t[:, None] * s_gt + o_k[None, :] * s_gp,
-                       mask=m_t[:, None] & m_k[None, :], other=0.0)
-        b_gs = tl.load(g_ptr + i_b * s_gb + o_k[:, None] * s_gp + o_s[None, :] * s_gt,
-                       mask=m_k[:, None] & m_s[None, :], other=0.0)
-        if UPCAST:
-            b_gt = b_gt.to(tl.float32)
-            b_gs = b_gs.to(tl.float32)
-        b_gg = tl.dot(b_gt, b_gs, b_gg, input_precision=PRECISION)
+    b_aa = _gram_tile(a_ptr + i_b * s_ab, o_t, o_s, T, d, s_at, s_ad, BLOCK_T, BLOCK_K, UPCAST, PRECISION)
+    b_gg = _gram_tile(g_ptr + i_b * s_gb, o_t, o_s, T, p, s_gt, s_gp, BLOCK_T, BLOCK_K, UPCAST, PRECISION)
     n_tiles = tl.num_programs(0) * tl.num_programs(1)
     tl.store(part_ptr + i_b * n_tiles + i_t * tl.num_programs(1) + i_s, tl.sum(b_aa * b_gg))
 
