@@ -275,3 +275,44 @@ def test_fallback_chunks_give_the_same_answer():
         got = fastdd.per_sample_grads(model, x, y, chunk_size=chunk)
         for n in expected:
             assert_close(got[n], expected[n], name=f"chunk={chunk}:{n}", **TOL)
+
+
+def test_layer_called_with_keyword_input():
+    class KwNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(input=x)
+
+    model = KwNet()
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    expected = oracle(model, x, y, None)
+    got = fastdd.per_sample_grads(model, x, y)
+    for n in expected:
+        assert_close(got[n], expected[n], name=n, **TOL)
+
+
+def test_bfloat16_model_errs_no_more_than_vmap_in_bfloat16():
+    """STYLE.md: in low precision, at most about twice the error of torch's own path."""
+    model = ConvNet(1, 10, 8, width=8, depth=2)
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    expected = oracle(model, x, y, None)  # fp32
+    model16, x16 = model.to(torch.bfloat16), x.bfloat16()
+    got = fastdd.per_sample_grads(model16, x16, y)
+    torch_bf16 = oracle(model16, x16, y, None)
+    for n in expected:
+        assert got[n].dtype == torch.bfloat16
+        err = (got[n].float() - expected[n]).abs().max().item()
+        err_torch = (torch_bf16[n].float() - expected[n]).abs().max().item()
+        assert err <= 2 * err_torch + 1e-3, (n, err, err_torch)
+
+
+def test_mixed_dtype_activations_and_gradients():
+    from fastdd.grad.per_sample_linear import psg_linear, psg_linear_sqnorm
+
+    A, G = torch.randn(3, 4, 5), torch.randn(3, 4, 2).bfloat16()
+    expected = torch.bmm(G.float().transpose(1, 2), A)
+    assert_close(psg_linear(A, G), expected, atol=1e-5, rtol=1e-5, name="mixed")
+    assert_close(psg_linear_sqnorm(A, G), expected.square().sum((1, 2)), atol=1e-4, rtol=1e-5, name="mixed norms")

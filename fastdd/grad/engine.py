@@ -49,7 +49,10 @@ class _Call:
 
     @property
     def x(self) -> torch.Tensor:
-        return self.args[0]
+        """The layer input: the first positional argument, or the first tensor keyword one."""
+        if self.args:
+            return self.args[0]
+        return next(v for v in self.kwargs.values() if isinstance(v, torch.Tensor))
 
     @property
     def g(self) -> torch.Tensor | None:

@@ -38,6 +38,9 @@ def _check_pair(A: torch.Tensor, G: torch.Tensor) -> tuple[torch.Tensor, torch.T
         )
     if A.device != G.device:
         raise ValueError(f"A is on {A.device} but G is on {G.device}")
+    if A.dtype != G.dtype:  # e.g. under autocast: bf16 output gradients of fp32 activations
+        common = torch.promote_types(A.dtype, G.dtype)
+        A, G = A.to(common), G.to(common)
     return A, G
 
 
