@@ -53,6 +53,13 @@ def test_kmeans_matches_sklearn_objective():
     assert abs(ours.objective - theirs.inertia_) / theirs.inertia_ < 0.01
 
 
+def test_kmeans_returns_centroids_and_assignments():
+    X, _ = blobs(50)
+    centroids, assignments = kmeans(X, 3)
+    assert centroids.shape == (3, X.shape[1]) and assignments.shape == (50,)
+    assert assignments.min() >= 0 and assignments.max() < 3
+
+
 def test_kmeans_chunked_assignment_is_identical():
     X, _ = blobs(300)
     a = kmeans(X, 6, seed=1)

@@ -7,8 +7,6 @@ Works on any device the data lives on.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
@@ -18,12 +16,26 @@ from .._validate import as_labels, as_matrix, check_positive_int
 METRICS = ("euclidean", "cosine")
 
 
-class KMeansResult(NamedTuple):
-    centroids: torch.Tensor  # [k, d] (unit norm for the cosine metric)
-    assignments: torch.Tensor  # [N] int64
-    objective: float  # sum of squared distances (euclidean) or of 1 - cos (cosine)
-    n_iter: int
-    history: list  # objective after each assignment step of the best run
+class KMeansResult(tuple):
+    """``(centroids, assignments)``, with ``objective``, ``n_iter`` and ``history`` as attributes.
+
+    centroids ``[k, d]`` (unit norm for the cosine metric); assignments ``[N]`` int64;
+    objective: sum of squared distances (euclidean) or of 1 - cos (cosine); history: the
+    objective after each assignment step of the best run.
+    """
+
+    def __new__(cls, centroids, assignments, objective: float, n_iter: int, history: list):
+        self = super().__new__(cls, (centroids, assignments))
+        self.objective, self.n_iter, self.history = objective, n_iter, history
+        return self
+
+    @property
+    def centroids(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def assignments(self) -> torch.Tensor:
+        return self[1]
 
 
 def _prepare(X, metric):
@@ -101,7 +113,8 @@ def kmeans(X, k: int, metric: str = "euclidean", n_init: int = 3, max_iter: int 
     (centroids renormalized; objective sum of 1 - cos). An emptied cluster keeps its
     centroid, so the objective never increases.
 
-    Returns ``KMeansResult(centroids [k, d], assignments [N], objective, n_iter, history)``.
+    Returns ``(centroids [k, d], assignments [N])`` as a :class:`KMeansResult`, which also
+    carries ``objective``, ``n_iter`` and ``history``.
 
     >>> res = kmeans(torch.randn(100, 4), k=3)
     >>> res.centroids.shape, res.assignments.shape
