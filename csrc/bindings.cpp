@@ -3,6 +3,7 @@
 // compiles against a CPU build of torch too (DESIGN.md section 3).
 #include <torch/extension.h>
 
+#include "cg_update.h"
 #include "per_sample_linear.h"
 
 namespace {
@@ -71,6 +72,40 @@ void psg_linear_dot(torch::Tensor A, torch::Tensor G, torch::Tensor V, torch::Te
   out.copy_(part.sum(1));
 }
 
+void check_cg_vec(const torch::Tensor& t, const char* name, int64_t P, int64_t K) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CUDA tensor");
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == P && t.size(1) == K, name, " must be [P, K]");
+}
+
+const float* optional_diag(const c10::optional<torch::Tensor>& d, int64_t P) {
+  if (!d.has_value()) return nullptr;
+  TORCH_CHECK(d->is_cuda() && d->scalar_type() == torch::kFloat && d->is_contiguous() && d->numel() == P,
+              "inv_diag must be a contiguous float32 CUDA tensor [P]");
+  return d->data_ptr<float>();
+}
+
+torch::Tensor cg_update_xr(torch::Tensor x, torch::Tensor r, torch::Tensor p, torch::Tensor ap,
+                           torch::Tensor alpha, c10::optional<torch::Tensor> inv_diag, int64_t stream) {
+  const int64_t P = x.size(0), K = x.size(1);
+  check_cg_vec(x, "x", P, K); check_cg_vec(r, "r", P, K); check_cg_vec(p, "p", P, K); check_cg_vec(ap, "Ap", P, K);
+  TORCH_CHECK(alpha.is_cuda() && alpha.scalar_type() == torch::kFloat && alpha.numel() == K, "alpha must be float32 [K]");
+  auto rz = torch::zeros({K}, x.options());
+  check_launch(cg_update_xr_launch(x.data_ptr<float>(), r.data_ptr<float>(), p.data_ptr<float>(), ap.data_ptr<float>(),
+                                   alpha.contiguous().data_ptr<float>(), optional_diag(inv_diag, P), rz.data_ptr<float>(),
+                                   P, K, stream));
+  return rz;
+}
+
+void cg_update_p(torch::Tensor p, torch::Tensor r, torch::Tensor beta, c10::optional<torch::Tensor> inv_diag,
+                 int64_t stream) {
+  const int64_t P = p.size(0), K = p.size(1);
+  check_cg_vec(p, "p", P, K); check_cg_vec(r, "r", P, K);
+  TORCH_CHECK(beta.is_cuda() && beta.scalar_type() == torch::kFloat && beta.numel() == K, "beta must be float32 [K]");
+  check_launch(cg_update_p_launch(p.data_ptr<float>(), r.data_ptr<float>(), beta.contiguous().data_ptr<float>(),
+                                  optional_diag(inv_diag, P), P, K, stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -78,4 +113,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("psg_linear", &psg_linear, "per-sample Linear gradients G_b^T A_b into out [B, p, d]");
   m.def("psg_linear_sqnorm", &psg_linear_sqnorm, "squared norms [B] of per-sample Linear gradients");
   m.def("psg_linear_dot", &psg_linear_dot, "dots [B, K] of per-sample Linear gradients with V [K, p, d]");
+  m.def("cg_update_xr", &cg_update_xr, "fused CG step x += alpha p, r -= alpha Ap; returns r.z per column");
+  m.def("cg_update_p", &cg_update_p, "fused CG direction update p = z + beta p");
 }

@@ -1,0 +1,68 @@
+"""Exact KNN-Shapley (Jia et al. 2019): closed form, vectorized over training points and
+batched over test points.
+
+For one test point with training points sorted by distance (nearest first)
+``a_1 .. a_N`` and ``m_i = 1[y_{a_i} = y_test]``, the Shapley values of the KNN utility
+``U(S) = (1/K) sum_{k <= min(K, |S|)} m_{a_k(S)}`` are
+
+    s_{a_N} = m_N / N,
+    s_{a_i} = s_{a_{i+1}} + (m_i - m_{i+1}) / K * min(K, i) / i,
+
+i.e. a reversed cumulative sum after one sort. Values are averaged over test points.
+"""
+from __future__ import annotations
+
+import torch
+
+from .._chunking import chunks, rows_per_chunk
+from .._validate import as_labels, as_matrix, check_positive_int
+
+
+def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | None = None,
+                return_per_test: bool = False) -> torch.Tensor:
+    """Exact Shapley values ``[n_train]`` of each training point for the KNN classifier utility.
+
+    Args:
+        X_train: ``[N, d]`` features or embeddings; y_train ``[N]`` labels.
+        X_test: ``[T, d]``; y_test ``[T]``.
+        k: neighbours of the KNN utility (at most N).
+        chunk_size: test points per chunk (default: what fits ``FASTDD_CHUNK_MB``); memory is
+            ``O(chunk x N)``, never ``T x N`` unless asked for.
+        return_per_test: also return the ``[T, N]`` matrix of per-test values.
+
+    Returns:
+        ``[N]`` values averaged over test points (and the ``[T, N]`` matrix if asked).
+        Larger is more helpful; mislabelled points get negative values.
+    """
+    X_train = as_matrix(X_train, "X_train")
+    X_test = as_matrix(X_test, "X_test")
+    if X_train.shape[1] != X_test.shape[1]:
+        raise ValueError(f"X_train has {X_train.shape[1]} features but X_test has {X_test.shape[1]}")
+    N, T = X_train.shape[0], X_test.shape[0]
+    y_train = as_labels(y_train, "y_train", n=N).to(X_train.device)
+    y_test = as_labels(y_test, "y_test", n=T).to(X_train.device)
+    check_positive_int(k, "k")
+    if k > N:
+        raise ValueError(f"k={k} is larger than the training set ({N} points)")
+    X_train, X_test = X_train.float(), X_test.float().to(X_train.device)
+    tr_sq = X_train.square().sum(1)
+    i = torch.arange(1, N, device=X_train.device, dtype=torch.float32)  # 1-indexed ranks 1..N-1
+    weight = torch.clamp(i, max=k) / (i * k)  # min(K, i) / (i K)
+    total = torch.zeros(N, dtype=torch.float64, device=X_train.device)
+    per_test = torch.empty(T, N, dtype=torch.float32, device=X_train.device) if return_per_test else None
+    # a chunk holds distances, sort order and values: about 4 x 4 bytes per (test, train) pair
+    for s in chunks(T, rows_per_chunk(T, 16 * N, chunk_size)):
+        xt = X_test[s]
+        dist = torch.addmm(tr_sq.unsqueeze(0), xt, X_train.T, alpha=-2.0)  # ||x_tr||^2 - 2 x.x_tr
+        order = torch.argsort(dist, dim=1, stable=True)  # ties: lower index first
+        match = (y_train[order] == y_test[s].unsqueeze(1)).float()  # [c, N] in sorted order
+        diffs = (match[:, :-1] - match[:, 1:]) * weight  # [c, N-1]
+        vals = torch.empty_like(match)
+        vals[:, -1] = match[:, -1] / N
+        # s_i = s_N + sum_{j >= i} d_j: reversed cumulative sum
+        vals[:, :-1] = vals[:, -1:] + diffs.flip(1).cumsum(1).flip(1)
+        total.index_add_(0, order.reshape(-1), vals.reshape(-1).double())
+        if per_test is not None:
+            per_test[s] = torch.empty_like(vals).scatter_(1, order, vals)
+    values = (total / T).float()
+    return (values, per_test) if return_per_test else values
