@@ -27,6 +27,7 @@ test: venv
 bench: venv
 	$(BIN)/python bench/bench_per_sample.py --out results/bench_per_sample.md
 	$(BIN)/python bench/bench_pruning.py --out results/bench_pruning.md
+	$(BIN)/python bench/bench_valuation.py --out results/bench_valuation.md
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .benchmarks
