@@ -116,6 +116,35 @@ def test_direct_solver_needs_damping_when_singular():
         inf.scores(X, y)
 
 
+def test_dataloader_fit_equals_tensors(problem):
+    lr, X, y, Xt, yt = problem
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X[:200], y[:200]), batch_size=64)
+    a = InfluenceFunction(lr.module(), damping=0.1, solver="direct").fit(X[:200], y[:200]).scores(Xt, yt)
+    b = InfluenceFunction(lr.module(), damping=0.1, solver="direct").fit(loader).scores(Xt, yt)
+    assert_close(b, a, atol=1e-10, rtol=1e-8, name="DataLoader vs tensors")
+
+
+def test_influence_bad_input(problem):
+    lr, X, y, Xt, yt = problem
+    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 10\)"):
+        InfluenceFunction(lr.module(), damping=0.1).fit(X[:20], y[:20] + 10)
+    with pytest.raises(ValueError, match="y must be a tensor with one target per row of X"):
+        InfluenceFunction(lr.module(), damping=0.1).fit(X[:20], y[:19])
+    bad = X[:20].clone()
+    bad[3, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"X contains NaN or inf.*\[3\]"):
+        InfluenceFunction(lr.module(), damping=0.1).fit(bad, y[:20])
+    inf = InfluenceFunction(lr.module(), damping=0.1, solver="direct").fit(X[:20], y[:20])
+    bad_test = Xt.clone()
+    bad_test[1, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"test gradients contain NaN or inf for rows \[1\]"):
+        inf.scores(bad_test, yt)
+    with pytest.raises(ValueError, match="solver must be one of"):
+        InfluenceFunction(lr.module(), solver="newton")
+    with pytest.raises(RuntimeError, match="call fit"):
+        InfluenceFunction(lr.module()).scores(Xt, yt)
+
+
 def test_default_damping_follows_the_spectrum(problem):
     lr, X, y, _, _ = problem
     inf = InfluenceFunction(lr.module(), solver="cg").fit(X[:200], y[:200])

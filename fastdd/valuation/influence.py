@@ -92,6 +92,13 @@ class InfluenceFunction:
         self.n = sum(len(yb) for _, yb in self.data)
         if self.n == 0:
             raise ValueError("the training data is empty")
+        if self.loss_fn is _ce:  # cross-entropy: targets must index the model's outputs
+            with torch.no_grad():
+                n_out = self.model(self.data[0][0][:1]).shape[-1]
+            for _, yb in self.data:
+                if yb.dtype.is_floating_point or yb.min() < 0 or yb.max() >= n_out:
+                    raise ValueError(f"y must hold class indices in [0, {n_out}) for the model's {n_out} outputs; "
+                                     f"got {yb.dtype} in [{yb.min().item()}, {yb.max().item()}]")
         theta = self.flat.vector()
         self.dtype, self.device = theta.dtype, theta.device
         if self.damping_arg is None:

@@ -40,16 +40,21 @@ class KNNUtility:
 
 
 class ModelUtility:
-    """Validation accuracy of L2-regularized multinomial logistic regression trained on the subset.
+    """Validation accuracy of a model trained on the subset.
 
-    Features are flattened; training is full-batch L-BFGS from zero (deterministic). A
-    subset with one class predicts that class; an empty subset scores ``empty_score``.
+    Default: L2-regularized multinomial logistic regression on flattened features,
+    full-batch L-BFGS from zero (deterministic). With ``model_fn`` (a factory
+    ``() -> nn.Module`` taking the inputs as given), a fresh model is trained by
+    :func:`fastdd.train.train_model` for ``epochs`` with ``seed`` (same seed, same model).
+    A subset with one class predicts that class; an empty subset scores ``empty_score``.
     """
 
     def __init__(self, X_train, y_train, X_val, y_val, l2: float = 1e-2, max_iter: int = 100,
-                 empty_score: float = 0.0):
-        self.X = torch.as_tensor(X_train).flatten(1).float()
-        self.Xv = torch.as_tensor(X_val).flatten(1).float()
+                 empty_score: float = 0.0, model_fn=None, epochs: int = 30, seed: int = 0, **train_options):
+        self.model_fn, self.epochs, self.seed, self.train_options = model_fn, epochs, seed, train_options
+        self.X_raw, self.Xv_raw = torch.as_tensor(X_train), torch.as_tensor(X_val)
+        self.X = self.X_raw.flatten(1).float()
+        self.Xv = self.Xv_raw.flatten(1).float()
         self.y = as_labels(y_train, "y_train", n=len(self.X))
         self.yv = as_labels(y_val, "y_val", n=len(self.Xv))
         self.num_classes = int(max(self.y.max(), self.yv.max())) + 1
@@ -62,6 +67,13 @@ class ModelUtility:
         X, y = self.X[indices], self.y[indices]
         if bool((y == y[0]).all()):
             return (self.yv == y[0]).float().mean().item()
+        if self.model_fn is not None:
+            from ..train import accuracy, train_model
+
+            torch.manual_seed(self.seed)
+            model = train_model(self.model_fn(), self.X_raw[indices], y, epochs=self.epochs, seed=self.seed,
+                                **self.train_options)
+            return accuracy(model, self.Xv_raw, self.yv)
         W = torch.zeros(X.shape[1] + 1, self.num_classes, requires_grad=True)
         Xa = torch.cat([X, torch.ones(len(X), 1)], 1)
         opt = torch.optim.LBFGS([W], max_iter=self.max_iter, line_search_fn="strong_wolfe")
