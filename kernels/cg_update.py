@@ -16,6 +16,16 @@ from ._triton import tl, triton
 
 
 @triton.jit
+def _tile(i_p, i_k, P, K, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Offsets and masks of the [BLOCK_P, BLOCK_K] tile (i_p, i_k) of a contiguous [P, K] array."""
+    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_p = o_p < P
+    m_k = o_k < K
+    return o_p, o_k, m_p, m_k, m_p[:, None] & m_k[None, :], o_p[:, None] * K + o_k[None, :]
+
+
+@triton.jit
 def cg_update_xr_kernel(
     x_ptr, r_ptr, p_ptr, ap_ptr,  # [P, K] contiguous: iterate, residual, direction, A @ direction
     alpha_ptr,  # [K] fp32 step sizes
@@ -25,13 +35,8 @@ def cg_update_xr_kernel(
     HAS_DIAG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """x += alpha p; r -= alpha Ap; part[block, k] = sum over the block of r_k z_k."""
-    i_p, i_k = tl.program_id(0), tl.program_id(1)
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_p = o_p < P
-    m_k = o_k < K
-    m = m_p[:, None] & m_k[None, :]
-    offs = o_p[:, None] * K + o_k[None, :]
+    i_p = tl.program_id(0)
+    o_p, o_k, m_p, m_k, m, offs = _tile(i_p, tl.program_id(1), P, K, BLOCK_P, BLOCK_K)
     b_alpha = tl.load(alpha_ptr + o_k, mask=m_k, other=0.0)
     b_x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
     b_r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -58,13 +63,8 @@ def cg_update_p_kernel(
     HAS_DIAG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """p = z + beta p, z = r * inv_diag (or r)."""
-    i_p, i_k = tl.program_id(0), tl.program_id(1)
-    o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_p = o_p < P
-    m_k = o_k < K
-    m = m_p[:, None] & m_k[None, :]
-    offs = o_p[:, None] * K + o_k[None, :]
+    i_p = tl.program_id(0)
+    o_p, o_k, m_p, m_k, m, offs = _tile(i_p, tl.program_id(1), P, K, BLOCK_P, BLOCK_K)
     b_beta = tl.load(beta_ptr + o_k, mask=m_k, other=0.0)
     b_r = tl.load(r_ptr + offs, mask=m, other=0.0).to(tl.float32)
     b_p = tl.load(p_ptr + offs, mask=m, other=0.0).to(tl.float32)
