@@ -46,8 +46,9 @@ class InfluenceFunction:
         params: names of the parameters to differentiate (default all trainable).
         batch_size: training samples per batch when streaming H and training gradients.
         tol, max_iter: solver stopping rule (relative residual for CG, relative change for LiSSA).
-        preconditioner: ``"jacobi"`` for CG (diagonal of H by Hutchinson probes, or exact with
-            the direct solver's matrix).
+        preconditioner: ``"jacobi"`` for CG: the diagonal of H, exact up to 8,192 parameters
+            (Hutchinson probes above). It pays off when parameter scales differ widely; on
+            standardized digits it took more iterations (116 vs 91 for logistic regression).
         test_chunk: test vectors solved at once (bounds memory to ``test_chunk x P``).
     """
 
@@ -184,13 +185,29 @@ class InfluenceFunction:
             self.damping = saved
         return (H + H.T) / 2
 
-    def _jacobi(self, probes: int = 16) -> torch.Tensor:
+    def _jacobi(self, probes: int = 64, exact_up_to: int = 8192, chunk: int = 256) -> torch.Tensor:
+        """Inverse of diag(H + damping): exact (identity columns in chunks) for up to
+        ``exact_up_to`` parameters, else Hutchinson's ``E[z * Hz]`` with Rademacher probes."""
+        P = self.flat.numel
         if self.H is not None:
-            return 1 / self.H.diag()
-        gen = torch.Generator().manual_seed(self.seed)
-        Z = (torch.randint(0, 2, (self.flat.numel, probes), generator=gen) * 2 - 1).to(self.dtype).to(self.device)
-        diag = (Z * self.hvp(Z)).mean(1)  # Hutchinson: E[z * Hz] = diag(H)
-        return 1 / diag.clamp_min(self.damping or 1e-12)
+            diag = self.H.diag()
+        elif P <= exact_up_to:
+            saved, self.damping = self.damping, 0.0
+            try:
+                diag = torch.cat([
+                    self.hvp(torch.eye(P, dtype=self.dtype, device=self.device)[:, s:s + chunk])[s:s + chunk].diagonal()
+                    for s in range(0, P, chunk)])
+            finally:
+                self.damping = saved
+        else:
+            gen = torch.Generator().manual_seed(self.seed)
+            Z = (torch.randint(0, 2, (P, probes), generator=gen) * 2 - 1).to(self.dtype).to(self.device)
+            saved, self.damping = self.damping, 0.0
+            try:
+                diag = (Z * self.hvp(Z)).mean(1)
+            finally:
+                self.damping = saved
+        return 1 / (diag.clamp_min(0) + max(self.damping, 1e-12))
 
     # ------------------------------------------------------------------ solvers
     def solve(self, V: torch.Tensor) -> torch.Tensor:
