@@ -265,7 +265,7 @@ def main():
 
     only = set(args.only.split(",")) if args.only else None
     lines = [
-        f"# Per-sample gradients: fastdd vs torch.func vmap vs a Python loop",
+        "# Per-sample gradients: fastdd vs torch.func vmap vs a Python loop",
         "",
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"median and min of {args.repeat} runs ({'steady' if args.steady_malloc else 'default'} malloc); "

@@ -1,5 +1,4 @@
 """Oracles shared by the tests."""
-import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 

@@ -54,7 +54,7 @@ def test_batchnorm_in_training_mode():
     with pytest.raises(ValueError, match=r"BatchNorm2d 'features.1' .*training mode.*model.eval\(\) or use GroupNorm"):
         fastdd.per_sample_grad_norms(model, x, y)
     with pytest.raises(ValueError, match="batch statistics"):
-        with fastdd.PerSampleGrads(model) as ps:
+        with fastdd.PerSampleGrads(model):
             model(x)
     model.eval()
     assert fastdd.per_sample_grad_norms(model, x, y).shape == (4,)

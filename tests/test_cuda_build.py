@@ -2,7 +2,6 @@
 binding file against torch's (CPU) headers. Nothing built here runs: no GPU."""
 import shutil
 import subprocess
-import sys
 import sysconfig
 from pathlib import Path
 

@@ -1,5 +1,4 @@
 """Pruning: k-means, prototype scores, selection, GraNd, EL2N, forgetting, pruning curves."""
-import warnings
 
 import pytest
 import torch

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
@@ -53,10 +52,6 @@ class _Call:
         if self.args:
             return self.args[0]
         return next(v for v in self.kwargs.values() if isinstance(v, torch.Tensor))
-
-    @property
-    def g(self) -> torch.Tensor | None:
-        return self.grads[0] if self.grads else None
 
 
 def _batch_size(args, kwargs) -> int | None:
@@ -523,26 +518,25 @@ class _Engine:
         vectors = {n: v.to(device) for n, v in vectors.items()}
         K = next(iter(vectors.values())).shape[0]
         total = torch.zeros(self.batch_size, K, dtype=torch.float32, device=device)
-        seen = set()
-        for name in vectors:
-            for src in self.sources[name]:
-                if id(src) in seen:
-                    continue
-                seen.add(id(src))
-                total += src.dots(vectors, chunk_size)
+        for src in self._distinct_sources(vectors):
+            total += src.dots(vectors, chunk_size)
         return total
 
     def class_sums(self, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
         out = {n: self._zeros(n, (num_classes,), torch.float32) for n in self.selected}
-        seen = set()
-        for name, srcs in self.sources.items():
-            for src in srcs:
-                if id(src) in seen:
-                    continue
-                seen.add(id(src))
-                for f, t in src.class_sums(labels, num_classes, chunk_size).items():
-                    out[f] += t
+        for src in self._distinct_sources(self.sources):
+            for f, t in src.class_sums(labels, num_classes, chunk_size).items():
+                out[f] += t
         return out
+
+    def _distinct_sources(self, names):
+        """Each source serving any of ``names``, once (a source may serve several parameters)."""
+        seen = set()
+        for name in names:
+            for src in self.sources[name]:
+                if id(src) not in seen:
+                    seen.add(id(src))
+                    yield src
 
 
 def _scaled(grads: list, scale: float) -> list:

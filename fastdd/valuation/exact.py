@@ -1,7 +1,6 @@
 """Exact Shapley and Banzhaf values by enumerating every subset (tiny problems: the oracles)."""
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Callable
 

@@ -8,7 +8,6 @@ training points (removing them lowers the test loss).
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Callable
 
