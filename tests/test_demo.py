@@ -26,3 +26,14 @@ def test_demo_pruning_section(tmp_path):
     assert full[1] == full[2] == full[3]  # 100% kept: every policy trains on the same data
     assert float(full[1]) > float(rows[0][3]), report  # all the data beats 10% random
     assert "pruning.md" in (tmp_path / "README.md").read_text()
+
+
+def test_demo_valuation_section(tmp_path):
+    demo.main(["--out", str(tmp_path), "--permutations", "3", "--threads", "1", "--only", "valuation"])
+    report = (tmp_path / "valuation.md").read_text()
+    assert (tmp_path / "valuation_roc.png").stat().st_size > 10_000
+    assert (tmp_path / "valuation_harmful.png").stat().st_size > 10_000
+    aucs = dict(re.findall(r"^\| ([^|]+?) \| ([0-9.]+) \|$", report, re.M))
+    assert float(aucs["KNN-Shapley (low = harmful)"]) >= 0.9, report
+    assert float(aucs["self-influence, logistic regression"]) >= 0.9, report
+    assert "valuation.md" in (tmp_path / "README.md").read_text()
