@@ -101,14 +101,14 @@ def main():
     print(lines[-1], flush=True)
     from fastdd.valuation.block_cg import cg_update_p, cg_update_xr
 
-    for P, K in ([(1_000_000, 64), (100_000, 450)] if device == "cuda" else [(100_000, 64)]):
-        x, r, p, ap = (torch.randn(P, K, device=device) for _ in range(4))
-        alpha, beta = torch.rand(K, device=device), torch.rand(K, device=device)
-        nbytes = 4 * P * K * 4 * 2  # xr: read 4, write 2; p: read 2, write 1 (about 9 passes)
+    for rows, cols in ([(1_000_000, 64), (100_000, 450)] if device == "cuda" else [(100_000, 64)]):
+        x, r, p, ap = (torch.randn(rows, cols, device=device) for _ in range(4))
+        alpha, beta = torch.rand(cols, device=device), torch.rand(cols, device=device)
+        nbytes = 9 * 4 * rows * cols  # xr: read x, r, p, Ap, write x, r; p: read r, p, write p
         for backend in backends:
             os.environ["FASTDD_BACKEND"] = backend
             sec = timeit(lambda: (cg_update_xr(x, r, p, ap, alpha), cg_update_p(p, r, beta)), device)
-            row = f"| {P}, {K} | fused | {backend} | {sec * 1e3:.3f} | {nbytes / sec / 1e9:.0f} | | | |"
+            row = f"| {rows}, {cols} | fused | {backend} | {sec * 1e3:.3f} | {nbytes / sec / 1e9:.0f} | | | |"
             lines.append(row)
             print(row, flush=True)
         os.environ.pop("FASTDD_BACKEND", None)
