@@ -92,7 +92,7 @@ __device__ float block_sum(float v) {
 template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) materialize_kernel(
     const scalar_t* __restrict__ A, const scalar_t* __restrict__ G, scalar_t* __restrict__ out, Shape s) {
-  const int64_t b = blockIdx.z, p0 = int64_t(blockIdx.y) * TILE, d0 = int64_t(blockIdx.x) * TILE;
+  const int64_t b = blockIdx.x, p0 = int64_t(blockIdx.y) * TILE, d0 = int64_t(blockIdx.z) * TILE;
   float acc[SUB][SUB];
   grad_tile(A, G, s, b, p0, d0, acc);
   const int tx = threadIdx.x % (TILE / SUB), ty = threadIdx.x / (TILE / SUB);
@@ -109,15 +109,15 @@ __global__ void __launch_bounds__(THREADS) materialize_kernel(
 template <typename scalar_t>
 __global__ void __launch_bounds__(THREADS) sqnorm_kernel(
     const scalar_t* __restrict__ A, const scalar_t* __restrict__ G, float* __restrict__ part, Shape s) {
-  // part [B, gridDim.y * gridDim.x]: this tile's share of ||G_b^T A_b||^2
-  const int64_t b = blockIdx.z, p0 = int64_t(blockIdx.y) * TILE, d0 = int64_t(blockIdx.x) * TILE;
+  // part [B, gridDim.y * gridDim.z]: this tile's share of ||G_b^T A_b||^2
+  const int64_t b = blockIdx.x, p0 = int64_t(blockIdx.y) * TILE, d0 = int64_t(blockIdx.z) * TILE;
   float acc[SUB][SUB];
   grad_tile(A, G, s, b, p0, d0, acc);
   float v = 0.f;  // out-of-range entries are exact zeros: masked loads stage 0
   for (int i = 0; i < SUB; ++i)
     for (int j = 0; j < SUB; ++j) v += acc[i][j] * acc[i][j];
   const float total = block_sum(v);
-  if (threadIdx.x == 0) part[b * gridDim.x * gridDim.y + blockIdx.y * gridDim.x + blockIdx.x] = total;
+  if (threadIdx.x == 0) part[b * gridDim.y * gridDim.z + blockIdx.y * gridDim.z + blockIdx.z] = total;
 }
 
 template <typename scalar_t>
@@ -125,12 +125,12 @@ __global__ void __launch_bounds__(THREADS) dot_kernel(
     const scalar_t* __restrict__ A, const scalar_t* __restrict__ G, const scalar_t* __restrict__ V,
     float* __restrict__ part, Shape s) {
   // part [B, n_tiles, K]: this tile's share of <G_b^T A_b, V_k>; the tile is built once for all K
-  const int64_t b = blockIdx.z, p0 = int64_t(blockIdx.y) * TILE, d0 = int64_t(blockIdx.x) * TILE;
+  const int64_t b = blockIdx.x, p0 = int64_t(blockIdx.y) * TILE, d0 = int64_t(blockIdx.z) * TILE;
   float acc[SUB][SUB];
   grad_tile(A, G, s, b, p0, d0, acc);
   const int tx = threadIdx.x % (TILE / SUB), ty = threadIdx.x / (TILE / SUB);
-  const int64_t n_tiles = int64_t(gridDim.x) * gridDim.y;
-  const int64_t tile = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
+  const int64_t n_tiles = int64_t(gridDim.y) * gridDim.z;
+  const int64_t tile = int64_t(blockIdx.y) * gridDim.z + blockIdx.z;
   for (int64_t k = 0; k < s.K; ++k) {
     float v = 0.f;
     for (int i = 0; i < SUB; ++i) {
@@ -151,8 +151,9 @@ Shape make_shape(const PsgLinearArgs& a) {
                a.s_ab, a.s_at, a.s_ad, a.s_gb, a.s_gt, a.s_gp, a.s_xb, a.s_xp, a.s_xd};
 }
 
+// Samples on x (up to 2^31 - 1 blocks); p and d tiles on y and z (65,535 each: p, d < 4M).
 dim3 grid_of(const PsgLinearArgs& a) {
-  return dim3(unsigned((a.d + TILE - 1) / TILE), unsigned((a.p + TILE - 1) / TILE), unsigned(a.B));
+  return dim3(unsigned(a.B), unsigned((a.p + TILE - 1) / TILE), unsigned((a.d + TILE - 1) / TILE));
 }
 
 template <typename scalar_t>

@@ -53,7 +53,7 @@ def psg_linear_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """out[b] = G_b^T A_b."""
-    i_p, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_p, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     acc = _grad_tile(a_ptr, g_ptr, i_b, i_p, i_d, T, d, p, s_ab, s_at, s_ad, s_gb, s_gt, s_gp,
                      BLOCK_T, BLOCK_P, BLOCK_D, UPCAST, PRECISION)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -73,11 +73,11 @@ def psg_linear_sqnorm_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """part[b, tile] = sum over the tile of (G_b^T A_b)^2."""
-    i_p, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_p, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     acc = _grad_tile(a_ptr, g_ptr, i_b, i_p, i_d, T, d, p, s_ab, s_at, s_ad, s_gb, s_gt, s_gp,
                      BLOCK_T, BLOCK_P, BLOCK_D, UPCAST, PRECISION)
-    n_tiles = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(part_ptr + i_b * n_tiles + i_p * tl.num_programs(1) + i_d, tl.sum(acc * acc))
+    n_tiles = tl.num_programs(1) * tl.num_programs(2)
+    tl.store(part_ptr + i_b * n_tiles + i_p * tl.num_programs(2) + i_d, tl.sum(acc * acc))
 
 
 @triton.jit
@@ -110,13 +110,13 @@ def psg_linear_gram_sqnorm_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """part[b, (t, s) tile] = sum_{t, s in tile} (a_t . a_s)(g_t . g_s): the Gram form, no T x T matrix stored."""
-    i_t, i_s, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_t, i_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
     o_s = i_s * BLOCK_T + tl.arange(0, BLOCK_T)
     b_aa = _gram_tile(a_ptr + i_b * s_ab, o_t, o_s, T, d, s_at, s_ad, BLOCK_T, BLOCK_K, UPCAST, PRECISION)
     b_gg = _gram_tile(g_ptr + i_b * s_gb, o_t, o_s, T, p, s_gt, s_gp, BLOCK_T, BLOCK_K, UPCAST, PRECISION)
-    n_tiles = tl.num_programs(0) * tl.num_programs(1)
-    tl.store(part_ptr + i_b * n_tiles + i_t * tl.num_programs(1) + i_s, tl.sum(b_aa * b_gg))
+    n_tiles = tl.num_programs(1) * tl.num_programs(2)
+    tl.store(part_ptr + i_b * n_tiles + i_t * tl.num_programs(2) + i_s, tl.sum(b_aa * b_gg))
 
 
 @triton.jit
@@ -131,14 +131,14 @@ def psg_linear_dot_kernel(
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """part[b, tile, k] = sum over the tile of (G_b^T A_b) * V_k; the tile is built once for all K."""
-    i_p, i_d, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_p, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     acc = _grad_tile(a_ptr, g_ptr, i_b, i_p, i_d, T, d, p, s_ab, s_at, s_ad, s_gb, s_gt, s_gp,
                      BLOCK_T, BLOCK_P, BLOCK_D, UPCAST, PRECISION)
     o_p = i_p * BLOCK_P + tl.arange(0, BLOCK_P)
     o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
     m_v = (o_p < p)[:, None] & (o_d < d)[None, :]
-    n_tiles = tl.num_programs(0) * tl.num_programs(1)
-    i_tile = i_p * tl.num_programs(1) + i_d
+    n_tiles = tl.num_programs(1) * tl.num_programs(2)
+    i_tile = i_p * tl.num_programs(2) + i_d
     for k in range(0, K):
         b_v = tl.load(v_ptr + k * s_vk + o_p[:, None] * s_vp + o_d[None, :] * s_vd, mask=m_v, other=0.0)
         tl.store(part_ptr + (i_b * n_tiles + i_tile) * K + k, tl.sum(acc * b_v.to(tl.float32)))
@@ -159,7 +159,8 @@ def _config(A: torch.Tensor) -> dict:
 
 
 def _grid(B: int, d: int, p: int, cfg: dict):
-    return (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(d, cfg["BLOCK_D"]), B)
+    # samples on axis 0: the only axis without a 65,535 limit on CUDA
+    return (B, triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(d, cfg["BLOCK_D"]))
 
 
 def psg_linear_fwd(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -189,13 +190,13 @@ def psg_linear_sqnorm_fwd(A: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
         block_t = cfg["BLOCK_T"] if INTERPRET else 64
         n_t = triton.cdiv(T, block_t)
         part = torch.empty(B, n_t * n_t, dtype=torch.float32, device=A.device)
-        psg_linear_gram_sqnorm_kernel[(n_t, n_t, B)](
+        psg_linear_gram_sqnorm_kernel[(B, n_t, n_t)](
             A, G, part, T, d, p, *A.stride(), *G.stride(),
             BLOCK_T=block_t, BLOCK_K=cfg["BLOCK_T"], UPCAST=cfg["UPCAST"], PRECISION=cfg["PRECISION"],
         )
         return part.sum(1)
     grid = _grid(B, d, p, cfg)
-    part = torch.empty(B, grid[0] * grid[1], dtype=torch.float32, device=A.device)
+    part = torch.empty(B, grid[1] * grid[2], dtype=torch.float32, device=A.device)
     psg_linear_sqnorm_kernel[grid](A, G, part, T, d, p, *A.stride(), *G.stride(), **cfg)
     return part.sum(1)
 
@@ -207,7 +208,7 @@ def psg_linear_dot_fwd(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor) -> tor
     K = V.shape[0]
     cfg = _config(A)
     grid = _grid(B, d, p, cfg)
-    part = torch.empty(B, grid[0] * grid[1], K, dtype=torch.float32, device=A.device)
+    part = torch.empty(B, grid[1] * grid[2], K, dtype=torch.float32, device=A.device)
     psg_linear_dot_kernel[grid](
         A, G, V, part, T, d, p, K, *A.stride(), *G.stride(), *V.stride(), **cfg
     )

@@ -122,7 +122,7 @@ def test_shape_errors():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("shape", SHAPES + [(64, 128, 512, 512)])
+@pytest.mark.parametrize("shape", SHAPES + [(64, 128, 512, 512), (70_000, 1, 5, 3)])  # B past 65,535
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("noncontiguous", [False, True])
 def test_gpu_backends(monkeypatch, backend, shape, dtype, noncontiguous):
