@@ -120,9 +120,9 @@ def per_sample_grad_dots(model: nn.Module, inputs, targets: torch.Tensor, vector
     """Dot products ``[B, K]`` (fp32) of each sample's gradient with K parameter-shaped vectors.
 
     ``vectors = {name: Tensor[K, *param.shape]}`` selects the parameters; the result is
-    ``sum over names of <grad_i[name], vectors[name][k]>`` and per-sample gradients are
-    never materialized for Linear (``sum_t g_t^T V_k a_t``), Conv and Embedding layers.
-    This is what influence scores and TracIn consume.
+    ``sum over names of <grad_i[name], vectors[name][k]>``. Linear (``sum_t g_t^T V_k a_t``
+    or chunks, by cost) and Embedding layers never hold ``[B, *shape]``; other layers
+    work a chunk of samples at a time. This is what influence scores and TracIn consume.
     """
     _check_vectors(model, vectors)
     engine = _capture_backward(model, inputs, targets, loss_fn, list(vectors))

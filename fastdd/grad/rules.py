@@ -11,8 +11,9 @@ loss), into three consumers for the layer's own parameters:
 - ``class_sums(m, x, g, labels, num_classes)``: ``{name: [C, *shape]}``, the sum of the
   per-sample gradients of each class.
 
-Rules default to norms and dots through chunked materialization; Linear, Conv and
-Embedding override them with forms that never hold ``[B, *shape]``.
+Rules default to norms and dots through chunked materialization (``FASTDD_CHUNK_MB``
+bounds a chunk); Linear and Embedding override them with forms that never materialize
+per-sample gradients, and Conv norms use the Gram form over patches where it is cheaper.
 """
 from __future__ import annotations
 
