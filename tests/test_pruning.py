@@ -37,7 +37,7 @@ def _corrupt(n, fraction=0.1, seed=0):
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_kmeans_objective_never_increases(metric):
     X, _ = blobs(800, centers=8, spread=2.0)
-    res = kmeans(X, 8, metric=metric, n_init=1, max_iter=50, tol=0.0)
+    res = kmeans(X, 8, metric=metric, n_init=1, max_iter=50, tol=0.0, track_history=True)
     hist = torch.tensor(res.history, dtype=torch.float64)
     assert len(hist) > 2
     assert torch.all(hist[1:] <= hist[:-1] * (1 + 1e-6) + 1e-6), hist
@@ -57,6 +57,26 @@ def test_kmeans_returns_centroids_and_assignments():
     centroids, assignments = kmeans(X, 3)
     assert centroids.shape == (3, X.shape[1]) and assignments.shape == (50,)
     assert assignments.min() >= 0 and assignments.max() < 3
+
+
+def _plain_lloyd(X, C, iters):
+    for _ in range(iters):
+        labels = torch.cdist(X.double(), C.double()).argmin(1)
+        for c in range(len(C)):
+            if (labels == c).any():
+                C[c] = X[labels == c].mean(0)
+    return C, torch.cdist(X.double(), C.double()).argmin(1)
+
+
+def test_hamerly_bounds_give_plain_lloyd_assignments():
+    from fastdd.pruning.kmeans import _kmeanspp, _lloyd
+
+    X, _ = blobs(2000, d=6, centers=12, spread=2.5, seed=4)  # overlapping blobs: points do switch
+    C0 = _kmeanspp(X, 12, torch.Generator().manual_seed(0), None)
+    C_ref, labels_ref = _plain_lloyd(X, C0.clone(), 15)
+    C, labels, _, _ = _lloyd(X, C0.clone(), X.square().sum(1), 15, 0.0, "euclidean", None, False)
+    assert torch.equal(labels, labels_ref)
+    assert_close(C, C_ref, atol=1e-4, rtol=1e-4, name="centroids")
 
 
 def test_kmeans_chunked_assignment_is_identical():

@@ -50,8 +50,10 @@ def _prepare(X, metric):
     return X
 
 
-def assign(X: torch.Tensor, C: torch.Tensor, chunk_size: int | None = None, x_sq: torch.Tensor | None = None):
-    """Nearest centroid and squared distance to it for each row: ``([N], [N])``.
+def assign(X: torch.Tensor, C: torch.Tensor, chunk_size: int | None = None, x_sq: torch.Tensor | None = None,
+           second: bool = False):
+    """Nearest centroid and squared distance to it for each row: ``([N], [N])``, plus the
+    squared distance to the second nearest (``[N]``; equal to the first on a tie) if ``second``.
 
     Rows go in cache-sized chunks (about 4 MB of distances). ``min(dim=1)`` with indices
     is slow on the CPU for a short inner dim, so the minimum comes from ``amin`` and its
@@ -65,6 +67,7 @@ def assign(X: torch.Tensor, C: torch.Tensor, chunk_size: int | None = None, x_sq
     step = chunk_size if chunk_size is not None else 1 << max(8, ((4 << 20) // (4 * k)).bit_length() - 1)
     idx = torch.empty(N, dtype=torch.long, device=X.device)
     dist = torch.empty(N, dtype=X.dtype, device=X.device)
+    dist2 = torch.empty(N, dtype=X.dtype, device=X.device) if second else None
     index_and_one = torch.stack([torch.arange(k, device=X.device, dtype=X.dtype), torch.ones(k, device=X.device, dtype=X.dtype)], 1)
     for s in chunks(N, max(1, min(N, step))):
         d = torch.addmm(c_sq.unsqueeze(0), X[s], C.T, alpha=-2.0)  # ||c||^2 - 2 x.c  [rows, k]
@@ -76,7 +79,11 @@ def assign(X: torch.Tensor, C: torch.Tensor, chunk_size: int | None = None, x_sq
             arg[tie] = d[tie].argmin(1)
         idx[s] = arg
         dist[s] = (best + x_sq[s]).clamp_min_(0)
-    return idx, dist
+        if second:
+            runner_up = d.masked_fill(d == best.unsqueeze(1), float("inf")).amin(1)
+            runner_up = torch.where(tie, best, runner_up) if k > 1 else torch.full_like(best, float("inf"))
+            dist2[s] = (runner_up + x_sq[s]).clamp_min_(0)
+    return (idx, dist, dist2) if second else (idx, dist)
 
 
 def _kmeanspp(X, k, gen, chunk_size):
@@ -104,17 +111,19 @@ def _kmeanspp(X, k, gen, chunk_size):
 
 
 def kmeans(X, k: int, metric: str = "euclidean", n_init: int = 3, max_iter: int = 100, tol: float = 1e-4,
-           seed: int = 0, chunk_size: int | None = None) -> KMeansResult:
+           seed: int = 0, chunk_size: int | None = None, track_history: bool = False) -> KMeansResult:
     """k-means of the rows of ``X [N, d]`` into ``k`` clusters.
 
-    k-means++ seeding (greedy, as scikit-learn), Lloyd iterations until the centroids
-    move less than ``tol`` times the mean per-feature variance (scikit-learn's rule), the
-    best of ``n_init`` seeds. ``metric="cosine"`` runs spherical k-means on unit-norm rows
+    k-means++ seeding (greedy, as scikit-learn), Lloyd iterations (with Hamerly's bounds
+    skipping points that cannot change cluster) until the centroids move less than
+    ``tol`` times the mean per-feature variance (scikit-learn's rule), the best of
+    ``n_init`` seeds. ``metric="cosine"`` runs spherical k-means on unit-norm rows
     (centroids renormalized; objective sum of 1 - cos). An emptied cluster keeps its
     centroid, so the objective never increases.
 
     Returns ``(centroids [k, d], assignments [N])`` as a :class:`KMeansResult`, which also
-    carries ``objective``, ``n_iter`` and ``history``.
+    carries ``objective``, ``n_iter`` and, with ``track_history``, the objective after
+    each assignment step of the best run.
 
     >>> res = kmeans(torch.randn(100, 4), k=3)
     >>> res.centroids.shape, res.assignments.shape
@@ -133,27 +142,53 @@ def kmeans(X, k: int, metric: str = "euclidean", n_init: int = 3, max_iter: int 
     best = None
     for _ in range(n_init):
         C = _kmeanspp(Xw, k, gen, chunk_size)
-        history = []
-        for it in range(1, max_iter + 1):
-            labels, dist = assign(Xw, C, chunk_size, x_sq)
-            history.append(_objective(dist, metric))
-            sums = torch.zeros_like(C).index_add_(0, labels, Xw)
-            counts = torch.bincount(labels, minlength=k)
-            nonempty = counts > 0
-            C_new = C.clone()
-            C_new[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(Xw.dtype)
-            if metric == "cosine":
-                C_new[nonempty] = F.normalize(C_new[nonempty], dim=1)
-            shift = (C_new - C).square().sum().item()
-            C = C_new
-            if shift <= threshold:
-                break
+        C, labels, it, history = _lloyd(Xw, C, x_sq, max_iter, threshold, metric, chunk_size, track_history)
         labels, dist = assign(Xw, C, chunk_size, x_sq)
         obj = _objective(dist, metric)
-        history.append(obj)
+        if track_history:
+            history.append(obj)
         if best is None or obj < best.objective:
             best = KMeansResult(C, labels, obj, it, history)
     return best
+
+
+def _lloyd(X, C, x_sq, max_iter, threshold, metric, chunk_size, track_history):
+    """Lloyd iterations with Hamerly's bounds: the same assignments as plain Lloyd, but a
+    point is re-examined only when its upper bound (distance to its centroid) exceeds its
+    lower bound (distance to any other); late iterations touch few points."""
+    k = C.shape[0]
+    labels, d1, d2 = assign(X, C, chunk_size, x_sq, second=True)
+    upper, lower = d1.sqrt(), d2.sqrt()
+    # float32 distances from the expansion ||x||^2 - 2 x.c + ||c||^2: keep a safety margin
+    margin = 1e-4 * float(x_sq.mean().sqrt()) + 1e-12
+    history = []
+    it = 0
+    for it in range(1, max_iter + 1):
+        if track_history:  # the objective of this assignment, exactly
+            history.append(_objective((X - C[labels]).square().sum(1), metric))
+        sums = torch.zeros_like(C).index_add_(0, labels, X)
+        counts = torch.bincount(labels, minlength=k)
+        nonempty = counts > 0
+        C_new = C.clone()
+        C_new[nonempty] = sums[nonempty] / counts[nonempty].unsqueeze(1).to(X.dtype)
+        if metric == "cosine":
+            C_new[nonempty] = F.normalize(C_new[nonempty], dim=1)
+        moved = (C_new - C).norm(dim=1)
+        C = C_new
+        if float(moved.square().sum()) <= threshold:
+            break
+        upper += moved[labels]
+        lower -= moved.max()
+        rows = torch.nonzero(upper + margin > lower).flatten()
+        if len(rows):
+            # tighten the upper bound first: often that alone clears the point
+            exact = (X[rows] - C[labels[rows]]).norm(dim=1)
+            upper[rows] = exact
+            rows = rows[exact + margin > lower[rows]]
+        if len(rows):
+            lab, r1, r2 = assign(X[rows], C, chunk_size, x_sq[rows], second=True)
+            labels[rows], upper[rows], lower[rows] = lab, r1.sqrt(), r2.sqrt()
+    return C, labels, it, history
 
 
 def _objective(sq_dist, metric):
