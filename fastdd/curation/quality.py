@@ -38,10 +38,10 @@ class QualityFilter:
         if q.min() == q.max():
             raise ValueError("quality needs examples of both high (1) and low (0) quality")
         self.mean = E.mean(0)
-        self.std = E.std(0).clamp_min(1e-8) if E.shape[0] > 1 else torch.ones(E.shape[1], dtype=E.dtype)
+        self.std = E.std(0).clamp_min(1e-8) if E.shape[0] > 1 else torch.ones(E.shape[1], dtype=E.dtype, device=E.device)
         Z = (E - self.mean) / self.std
-        w = torch.zeros(Z.shape[1], dtype=Z.dtype, requires_grad=True)
-        b = torch.zeros((), dtype=Z.dtype, requires_grad=True)
+        w = torch.zeros(Z.shape[1], dtype=Z.dtype, device=Z.device, requires_grad=True)
+        b = torch.zeros((), dtype=Z.dtype, device=Z.device, requires_grad=True)
         opt = torch.optim.LBFGS([w, b], max_iter=self.max_iter, line_search_fn="strong_wolfe")
 
         def closure():

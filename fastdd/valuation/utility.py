@@ -23,19 +23,21 @@ class KNNUtility:
         self.k = check_positive_int(k, "k")
         self.num_classes = int(max(self.y_train.max(), self.y_val.max())) + 1
         self.n = len(X_train)
-        self.order = torch.argsort(torch.cdist(X_val, X_train), dim=1, stable=True)  # [V, N]
-        self.labels_sorted = self.y_train[self.order]
+        self.order = torch.argsort(torch.cdist(X_val, X_train), dim=1, stable=True)  # [V, N], on the data's device
+        self.y_val = self.y_val.to(self.order.device)
+        self.labels_sorted = self.y_train.to(self.order.device)[self.order]
         self.empty_score = empty_score
 
     def __call__(self, indices) -> float:
         indices = torch.as_tensor(indices, dtype=torch.long)
         if len(indices) == 0:
             return self.empty_score
-        member = torch.zeros(self.n, dtype=torch.bool)
-        member[indices] = True
+        member = torch.zeros(self.n, dtype=torch.bool, device=self.order.device)
+        member[indices.to(member.device)] = True
         m = member[self.order]  # [V, N] in each point's neighbour order
         chosen = m & (torch.cumsum(m, 1) <= self.k)
-        votes = torch.zeros(len(self.y_val), self.num_classes).scatter_add_(1, self.labels_sorted, chosen.float())
+        votes = torch.zeros(len(self.y_val), self.num_classes, device=m.device)
+        votes.scatter_add_(1, self.labels_sorted, chosen.float())
         return (votes.argmax(1) == self.y_val).float().mean().item()
 
 
@@ -74,8 +76,8 @@ class ModelUtility:
             model = train_model(self.model_fn(), self.X_raw[indices], y, epochs=self.epochs, seed=self.seed,
                                 **self.train_options)
             return accuracy(model, self.Xv_raw, self.yv)
-        W = torch.zeros(X.shape[1] + 1, self.num_classes, requires_grad=True)
-        Xa = torch.cat([X, torch.ones(len(X), 1)], 1)
+        W = torch.zeros(X.shape[1] + 1, self.num_classes, device=X.device, requires_grad=True)
+        Xa = torch.cat([X, torch.ones(len(X), 1, device=X.device)], 1)
         opt = torch.optim.LBFGS([W], max_iter=self.max_iter, line_search_fn="strong_wolfe")
 
         def closure():
@@ -86,5 +88,5 @@ class ModelUtility:
 
         opt.step(closure)
         with torch.no_grad():
-            pred = (torch.cat([self.Xv, torch.ones(len(self.Xv), 1)], 1) @ W).argmax(1)
+            pred = (torch.cat([self.Xv, torch.ones(len(self.Xv), 1, device=X.device)], 1) @ W).argmax(1)
         return (pred == self.yv).float().mean().item()
