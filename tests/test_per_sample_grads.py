@@ -316,3 +316,20 @@ def test_mixed_dtype_activations_and_gradients():
     expected = torch.bmm(G.float().transpose(1, 2), A)
     assert_close(psg_linear(A, G), expected, atol=1e-5, rtol=1e-5, name="mixed")
     assert_close(psg_linear_sqnorm(A, G), expected.square().sum((1, 2)), atol=1e-4, rtol=1e-5, name="mixed norms")
+
+
+@pytest.mark.parametrize("case", ["mlp", "convnet8", "sequence_tied", "fallback"])
+def test_float64_models_stay_float64(case):
+    """Reductions of float64 models run in float64: agreement far below fp32 rounding."""
+    model, x, y, loss = build(case)
+    model = model.double()
+    x = x.double() if x.dtype.is_floating_point else x
+    grads = oracle(model, x, y, loss)
+    norms = fastdd.per_sample_grad_norms(model, x, y, loss_fn=loss)
+    assert norms.dtype == torch.float64
+    assert_close(norms, flat_sq_norms(grads).sqrt(), atol=1e-12, rtol=1e-10, name="norms")
+    vectors = {n: torch.randn(2, *g.shape[1:], dtype=torch.float64) for n, g in grads.items()}
+    dots = fastdd.per_sample_grad_dots(model, x, y, vectors, loss_fn=loss)
+    expected = sum(g.flatten(1) @ vectors[n].flatten(1).T for n, g in grads.items())
+    assert dots.dtype == torch.float64
+    assert_close(dots, expected, atol=1e-11, rtol=1e-10, name="dots")

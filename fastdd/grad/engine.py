@@ -27,6 +27,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._chunking import chunks, rows_per_chunk
+from .per_sample_linear import acc, acc_dtype
 from .rules import Rule, rule_for, uses_batch_statistics
 
 
@@ -351,14 +352,14 @@ class _FuncSource:
         out = {}
         for s in self._chunks(chunk_size):
             for name, grad in self.materialize(s).items():
-                out.setdefault(name, []).append(grad.flatten(1).float().square().sum(1))
+                out.setdefault(name, []).append(acc(grad.flatten(1)).square().sum(1))
         return {k: torch.cat(v) for k, v in out.items()}
 
     def dots(self, vectors, chunk_size):
         parts = []
         for s in self._chunks(chunk_size):
             grads = self.materialize(s)
-            parts.append(sum(grads[f].flatten(1).float() @ vectors[f].flatten(1).float().T
+            parts.append(sum(acc(grads[f].flatten(1)) @ acc(vectors[f].flatten(1)).T
                              for f in grads if f in vectors))
         return torch.cat(parts)
 
@@ -367,8 +368,8 @@ class _FuncSource:
         for s in self._chunks(chunk_size):
             for name, grad in self.materialize(s).items():
                 if name not in out:
-                    out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=torch.float32)
-                out[name].index_add_(0, labels[s], grad.float())
+                    out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=acc_dtype(grad))
+                out[name].index_add_(0, labels[s], acc(grad))
         return out
 
 
@@ -420,6 +421,7 @@ class _Engine:
     def __init__(self, capture: _Capture, scale_by_batch: bool = False):
         self.capture = capture
         self.selected = capture.selected
+        self.acc = acc_dtype(next(iter(self.selected.values())))  # float64 models reduce in float64
         self.sources: dict[str, list] = {n: [] for n in self.selected}
         # forwards without a backward (stale) have no gradients and serve nothing
         live = [i for i, root in enumerate(capture.root_calls) if any(g is not None for g in root.grads)]
@@ -491,7 +493,7 @@ class _Engine:
     def sq_norms(self, chunk_size=None) -> torch.Tensor:
         B = self.batch_size
         device = next(iter(self.selected.values())).device
-        total = torch.zeros(B, dtype=torch.float32, device=device)
+        total = torch.zeros(B, dtype=self.acc, device=device)
         single = {}
         for name, srcs in self.sources.items():
             if len(srcs) == 1:
@@ -499,11 +501,11 @@ class _Engine:
             elif srcs:  # tied: the per-sample gradient is a sum of uses; sum chunks, then norm
                 numel = self.selected[name].numel()
                 for s in chunks(B, rows_per_chunk(B, 8 * numel, chunk_size)):
-                    acc = None
+                    summed = None
                     for src in srcs:
-                        t = src.materialize(s)[name].float()
-                        acc = t if acc is None else acc + t
-                    total[s] += acc.flatten(1).square().sum(1)
+                        t = acc(src.materialize(s)[name])
+                        summed = t if summed is None else summed + t
+                    total[s] += summed.flatten(1).square().sum(1)
         for src, names in single.values():
             norms = src.sq_norms(chunk_size)
             for n in names:
@@ -517,13 +519,13 @@ class _Engine:
         device = next(iter(self.selected.values())).device
         vectors = {n: v.to(device) for n, v in vectors.items()}
         K = next(iter(vectors.values())).shape[0]
-        total = torch.zeros(self.batch_size, K, dtype=torch.float32, device=device)
+        total = torch.zeros(self.batch_size, K, dtype=self.acc, device=device)
         for src in self._distinct_sources(vectors):
             total += src.dots(vectors, chunk_size)
         return total
 
     def class_sums(self, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
-        out = {n: self._zeros(n, (num_classes,), torch.float32) for n in self.selected}
+        out = {n: self._zeros(n, (num_classes,), self.acc) for n in self.selected}
         for src in self._distinct_sources(self.sources):
             for f, t in src.class_sums(labels, num_classes, chunk_size).items():
                 out[f] += t

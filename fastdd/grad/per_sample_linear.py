@@ -9,8 +9,8 @@ that picks the Triton or CUDA kernel for CUDA tensors (``fastdd._backend``):
 - ``psg_linear_sqnorm``: ``||G_i^T A_i||_F^2`` without writing the per-sample gradient;
 - ``psg_linear_dot``: ``<G_i^T A_i, V_k>`` for K vectors ``V [K, p, d]``.
 
-Every path accumulates in fp32 and returns fp32 norms and dots; ``psg_linear`` returns
-the dtype of ``out`` (default: the input dtype).
+Every path accumulates in fp32 (float64 inputs: float64) and returns norms and dots in
+that dtype; ``psg_linear`` returns the dtype of ``out`` (default: the input dtype).
 """
 from __future__ import annotations
 
@@ -20,6 +20,21 @@ from .. import _backend
 from .._chunking import chunks, rows_per_chunk
 
 _F32 = 4  # bytes of the fp32 temporaries used to size chunks
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype reductions accumulate in: float64 stays float64, everything else float32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype (see :func:`acc_dtype`)."""
+    return t.to(acc_dtype(t))
+
+
+def _pick(device: torch.device, dtype: torch.dtype) -> str:
+    # the kernels take fp32, bf16 and fp16; float64 stays on the exact torch path
+    return "torch" if dtype == torch.float64 else _backend.pick(device)
 
 
 def _as_btd(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -58,7 +73,7 @@ def psg_linear_ref(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None = 
     elif out.dtype == A.dtype == G.dtype == torch.float32:
         torch.bmm(G.transpose(1, 2), A, out=out)
     else:  # low precision: accumulate in fp32, cast once on store
-        out.copy_(torch.bmm(G.transpose(1, 2).float(), A.float()))
+        out.copy_(torch.bmm(acc(G.transpose(1, 2)), acc(A)))
     return out
 
 
@@ -77,7 +92,7 @@ def psg_linear(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None = None
     p = G.shape[2]
     if out is not None and (tuple(out.shape) != (B, p, d) or out.device != A.device):
         raise ValueError(f"out must be [B, p, d] = {(B, p, d)} on {A.device}, got {tuple(out.shape)} on {out.device}")
-    backend = _backend.pick(A.device)
+    backend = _pick(A.device, A.dtype)
     if backend == "torch":
         return psg_linear_ref(A, G, out)
     if out is None:
@@ -104,17 +119,17 @@ def psg_linear_sqnorm_ref(A: torch.Tensor, G: torch.Tensor, chunk_size: int | No
     B, T, d = A.shape
     p = G.shape[2]
     if T == 1:  # ||g a^T||^2 = ||a||^2 ||g||^2
-        return A.float().square().sum((1, 2)) * G.float().square().sum((1, 2))
-    out = torch.empty(B, dtype=torch.float32, device=A.device)
+        return acc(A).square().sum((1, 2)) * acc(G).square().sum((1, 2))
+    out = torch.empty(B, dtype=acc_dtype(A), device=A.device)
     if gram_is_cheaper(T, d, p):
         step = rows_per_chunk(B, 2 * T * T * _F32, chunk_size)
         for s in chunks(B, step):
-            a, g = A[s].float(), G[s].float()
+            a, g = acc(A[s]), acc(G[s])
             out[s] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
     else:
         step = rows_per_chunk(B, p * d * _F32, chunk_size)
         for s in chunks(B, step):
-            out[s] = torch.bmm(G[s].transpose(1, 2).float(), A[s].float()).square().sum((1, 2))
+            out[s] = torch.bmm(acc(G[s].transpose(1, 2)), acc(A[s])).square().sum((1, 2))
     return out
 
 
@@ -124,7 +139,7 @@ def psg_linear_sqnorm(A: torch.Tensor, G: torch.Tensor, chunk_size: int | None =
     A: ``[B, T, d]``; G: ``[B, T, p]``. The kernels never write ``[B, p, d]``.
     """
     A, G = _check_pair(A, G)
-    backend = _backend.pick(A.device)
+    backend = _pick(A.device, A.dtype)
     if backend == "torch":
         return psg_linear_sqnorm_ref(A, G, chunk_size)
     if backend == "triton":
@@ -146,8 +161,8 @@ def psg_linear_dot_ref(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, chunk_
     B, T, d = A.shape
     p = G.shape[2]
     K = V.shape[0]
-    Vf = V.float()
-    out = torch.empty(B, K, dtype=torch.float32, device=A.device)
+    Vf = acc(V)
+    out = torch.empty(B, K, dtype=acc_dtype(A), device=A.device)
     # sum_t g_t^T V_k a_t: project G through V (B T K d flops, B T K d temporaries) when
     # T K <= T + K, else materialize a chunk of G_i^T A_i and take K dots (B T p d + B K p d).
     if T * K <= T + K:
@@ -155,13 +170,13 @@ def psg_linear_dot_ref(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, chunk_
         step = rows_per_chunk(B, T * K * d * _F32, chunk_size)
         for s in chunks(B, step):
             b = s.stop - s.start
-            proj = (G[s].float().reshape(b * T, p) @ Vp).view(b, T, K, d)
-            out[s] = torch.einsum("btkd,btd->bk", proj, A[s].float())
+            proj = (acc(G[s]).reshape(b * T, p) @ Vp).view(b, T, K, d)
+            out[s] = torch.einsum("btkd,btd->bk", proj, acc(A[s]))
     else:
         Vflat = Vf.reshape(K, p * d)
         step = rows_per_chunk(B, p * d * _F32, chunk_size)
         for s in chunks(B, step):
-            grads = torch.bmm(G[s].transpose(1, 2).float(), A[s].float())
+            grads = torch.bmm(acc(G[s].transpose(1, 2)), acc(A[s]))
             out[s] = grads.reshape(grads.shape[0], p * d) @ Vflat.T
     return out
 
@@ -175,7 +190,7 @@ def psg_linear_dot(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, chunk_size
     p, d = G.shape[2], A.shape[2]
     if V.dim() != 3 or tuple(V.shape[1:]) != (p, d):
         raise ValueError(f"V must be [K, p, d] = [K, {p}, {d}], got {tuple(V.shape)}")
-    backend = _backend.pick(A.device)
+    backend = _pick(A.device, A.dtype)
     if backend == "torch":
         return psg_linear_dot_ref(A, G, V, chunk_size)
     if backend == "triton":

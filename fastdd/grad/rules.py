@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._chunking import chunks, rows_per_chunk
-from .per_sample_linear import gram_is_cheaper, psg_linear, psg_linear_dot, psg_linear_sqnorm
+from .per_sample_linear import acc, acc_dtype, gram_is_cheaper, psg_linear, psg_linear_dot, psg_linear_sqnorm
 
 
 class Rule:
@@ -36,14 +36,14 @@ class Rule:
         out = {}
         for s in _sample_chunks(m, x, chunk_size):
             for name, grad in self.materialize(m, x[s], g[s]).items():
-                out.setdefault(name, []).append(grad.flatten(1).float().square().sum(1))
+                out.setdefault(name, []).append(acc(grad.flatten(1)).square().sum(1))
         return {name: torch.cat(parts) for name, parts in out.items()}
 
     def dots(self, m, x, g, vectors, chunk_size=None) -> torch.Tensor:
         parts = []
         for s in _sample_chunks(m, x, chunk_size):
             grads = self.materialize(m, x[s], g[s])
-            parts.append(sum(grads[n].flatten(1).float() @ v.flatten(1).float().T for n, v in vectors.items()))
+            parts.append(sum(acc(grads[n].flatten(1)) @ acc(v.flatten(1)).T for n, v in vectors.items()))
         return torch.cat(parts)
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
@@ -51,8 +51,8 @@ class Rule:
         for s in _sample_chunks(m, x, chunk_size):
             for name, grad in self.materialize(m, x[s], g[s]).items():
                 if name not in out:
-                    out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=torch.float32)
-                out[name].index_add_(0, labels[s], grad.float())
+                    out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=acc_dtype(grad))
+                out[name].index_add_(0, labels[s], acc(grad))
         return out
 
 
@@ -92,19 +92,19 @@ class LinearRule(Rule):
         A, G = self._btd(m, x, g)
         res = {"weight": psg_linear_sqnorm(A, G, chunk_size)}
         if m.bias is not None:
-            res["bias"] = G.float().sum(1).square().sum(1)
+            res["bias"] = acc(G).sum(1).square().sum(1)
         return res
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
         # per class one GEMM over all (sample, t) rows: B T d p flops, no [B, p, d]
         A, G = self._btd(m, x, g)
-        W = A.new_zeros((num_classes, m.out_features, m.in_features), dtype=torch.float32)
+        W = A.new_zeros((num_classes, m.out_features, m.in_features), dtype=acc_dtype(A))
         for c, rows in _class_rows(labels, num_classes):
-            W[c] = psg_linear(A[rows].reshape(1, -1, A.shape[2]).float(), G[rows].reshape(1, -1, G.shape[2]).float())[0]
+            W[c] = psg_linear(acc(A[rows].reshape(1, -1, A.shape[2])), acc(G[rows].reshape(1, -1, G.shape[2])))[0]
         res = {"weight": W}
         if m.bias is not None:
-            res["bias"] = G.new_zeros((num_classes, m.out_features), dtype=torch.float32).index_add_(
-                0, labels, G.float().sum(1))
+            res["bias"] = G.new_zeros((num_classes, m.out_features), dtype=acc_dtype(G)).index_add_(
+                0, labels, acc(G).sum(1))
         return res
 
     def dots(self, m, x, g, vectors, chunk_size=None):
@@ -113,7 +113,7 @@ class LinearRule(Rule):
         if "weight" in vectors:
             total = total + psg_linear_dot(A, G, vectors["weight"].to(A.dtype), chunk_size)
         if "bias" in vectors:
-            total = total + G.float().sum(1) @ vectors["bias"].float().T
+            total = total + acc(G).sum(1) @ acc(vectors["bias"]).T
         return total
 
 
@@ -199,22 +199,22 @@ class ConvRule(Rule):
             w = psg_linear_sqnorm(A.reshape(B * m.groups, L, dg), G.reshape(B * m.groups, L, pg), chunk_size)
             res = {"weight": w.view(B, m.groups).sum(1)}
         else:
-            w = torch.empty(B, dtype=torch.float32, device=g.device)
+            w = torch.empty(B, dtype=acc_dtype(g), device=g.device)
             for s in chunks(B, rows_per_chunk(B, 4 * m.weight.numel(), chunk_size)):
                 w[s] = _conv_weight_grad(m, x[s], g[s]).flatten(1).float().square().sum(1)
             res = {"weight": w}
         if m.bias is not None:
-            res["bias"] = g.flatten(2).float().sum(2).square().sum(1)
+            res["bias"] = acc(g.flatten(2)).sum(2).square().sum(1)
         return res
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
-        W = g.new_zeros((num_classes, *m.weight.shape), dtype=torch.float32)
+        W = g.new_zeros((num_classes, *m.weight.shape), dtype=acc_dtype(g))
         for c, rows in _class_rows(labels, num_classes):
             W[c] = _conv_weight_grad(m, x[rows], g[rows], groups_per_sample=False).float()
         res = {"weight": W}
         if m.bias is not None:
-            res["bias"] = g.new_zeros((num_classes, m.out_channels), dtype=torch.float32).index_add_(
-                0, labels, g.flatten(2).float().sum(2))
+            res["bias"] = g.new_zeros((num_classes, m.out_channels), dtype=acc_dtype(g)).index_add_(
+                0, labels, acc(g.flatten(2)).sum(2))
         return res
 
 
@@ -242,9 +242,9 @@ class EmbeddingRule(Rule):
         # ||sum_t e_{idx_t} g_t^T||^2 = sum_{t,s: idx_t = idx_s} g_t . g_s  (B T^2 D, no B N D)
         idx, G = self._idx_grad(m, x, g)
         B, T = idx.shape
-        out = torch.empty(B, dtype=torch.float32, device=G.device)
+        out = torch.empty(B, dtype=acc_dtype(G), device=G.device)
         for s in chunks(B, rows_per_chunk(B, 8 * T * T, chunk_size)):
-            gs = G[s].float()
+            gs = acc(G[s])
             same = idx[s].unsqueeze(2) == idx[s].unsqueeze(1)
             out[s] = (torch.bmm(gs, gs.transpose(1, 2)) * same).sum((1, 2))
         return {"weight": out}
@@ -253,20 +253,20 @@ class EmbeddingRule(Rule):
         # scatter each (sample, t) row into row (class, idx) of [C * N, D]: never [B, N, D]
         idx, G = self._idx_grad(m, x, g)
         N, D = m.num_embeddings, m.embedding_dim
-        out = G.new_zeros((num_classes * N, D), dtype=torch.float32)
-        out.index_add_(0, (idx + N * labels.unsqueeze(1)).reshape(-1), G.reshape(-1, D).float())
+        out = G.new_zeros((num_classes * N, D), dtype=acc_dtype(G))
+        out.index_add_(0, (idx + N * labels.unsqueeze(1)).reshape(-1), acc(G.reshape(-1, D)))
         return {"weight": out.view(num_classes, N, D)}
 
     def dots(self, m, x, g, vectors, chunk_size=None):
         # sum_t g_t . V_k[idx_t]: gather rows of V (B T K D), never [B, N, D]
         idx, G = self._idx_grad(m, x, g)
-        V = vectors["weight"].float()
+        V = acc(vectors["weight"])
         B, T = idx.shape
         K = V.shape[0]
-        out = torch.empty(B, K, dtype=torch.float32, device=G.device)
+        out = torch.empty(B, K, dtype=acc_dtype(G), device=G.device)
         for s in chunks(B, rows_per_chunk(B, 4 * T * K * m.embedding_dim, chunk_size)):
             rows = V[:, idx[s]]  # [K, b, T, D]
-            out[s] = torch.einsum("kbtd,btd->bk", rows, G[s].float())
+            out[s] = torch.einsum("kbtd,btd->bk", rows, acc(G[s]))
         return out
 
 
@@ -289,10 +289,10 @@ class _AffineNormRule(Rule):
 
     def materialize(self, m, x, g, out=None):
         res = {}
-        gs = self.split(m, g.float())
+        gs = self.split(m, acc(g))
         if getattr(m, "weight", None) is not None:
             # einsum reduces without writing the [B, C, S] product (3x faster at 28x28 maps)
-            xs = self.split(m, self.x_hat(m, x.float()))
+            xs = self.split(m, self.x_hat(m, acc(x)))
             res["weight"] = self.unsplit(m, torch.einsum("bcs,bcs->bc", gs, xs)).to(g.dtype)
         if getattr(m, "bias", None) is not None:
             res["bias"] = self.unsplit(m, gs.sum(2)).to(g.dtype)
