@@ -1,7 +1,8 @@
 """Per-sample gradients: fastdd against torch.func vmap and a per-sample Python loop.
 
-Each measurement runs in fresh processes: one times it, one reads its peak memory
-(VmHWM above the RSS after set-up). Page faults of large temporaries swing CPU
+Each group of methods (one workload and consumer) is timed in one fresh process,
+round-robin, so that drifts of this shared machine hit every method alike; each
+method's peak memory (VmHWM above the RSS after set-up) comes from a process of its own. Page faults of large temporaries swing CPU
 timings here by up to 1.5x from run to run, so the table gives the median and the
 minimum; --steady-malloc keeps freed memory in glibc's heap while timing
 (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), which steadies one-shot calls but
@@ -197,30 +198,36 @@ def _method(workload, consumer, method):
     raise ValueError(method)
 
 
-def child(workload, consumer, method, threads, repeat, what):
+def child(workload, consumer, methods, threads, repeat, what):
+    """Time the comma-separated ``methods`` round-robin in this one process (a drift of
+    the machine then hits every method alike), or read one method's peak memory."""
     import torch
 
     torch.set_num_threads(threads)
-    fn = _method(workload, consumer, method)
-    fn()  # warm-up (and first-touch of reused buffers)
+    names = methods.split(",")
+    fns = {m: _method(workload, consumer, m) for m in names}
+    for fn in fns.values():
+        fn()  # warm-up (and first-touch of reused buffers)
     if what == "memory":
+        (fn,) = fns.values()
         base = _rss_kb("VmRSS")
         _reset_peak()
         res = fn()
         print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
         return
-    times = []
+    times = {m: [] for m in names}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        res = fn()
-        times.append(time.perf_counter() - t0)
-        del res
+        for m, fn in fns.items():
+            t0 = time.perf_counter()
+            res = fn()
+            times[m].append(time.perf_counter() - t0)
+            del res
     numel = None
     if consumer == "grads":
         model, x, _, _ = _build(workload)
         numel = x.shape[0] * sum(p.numel() for p in model.parameters())
-    print(json.dumps({"median_s": statistics.median(times), "min_s": min(times),
-                      "bytes": None if numel is None else 4 * numel}))
+    print(json.dumps({m: {"median_s": statistics.median(t), "min_s": min(t), "bytes": None if numel is None else 4 * numel}
+                      for m, t in times.items()}))
 
 
 # --------------------------------------------------------------------------- parent side
@@ -236,14 +243,19 @@ def _run_child(workload, consumer, method, threads, repeat, what, env):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def run_one(workload, consumer, method, threads, repeat, steady_malloc=False):
+def run_group(workload, consumer, methods, threads, repeat, steady_malloc=False):
+    """Timings of all methods from one interleaved child; peak memory from one child each."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     timing_env = dict(env, **STEADY_MALLOC) if steady_malloc else env
-    timing = _run_child(workload, consumer, method, threads, repeat, "time", timing_env)
-    if "error" in timing:
-        return timing
-    memory = _run_child(workload, consumer, method, threads, 1, "memory", env)
-    return {**timing, "peak_mb": memory.get("peak_mb", float("nan"))}
+    timing = _run_child(workload, consumer, ",".join(methods), threads, repeat, "time", timing_env)
+    results = {}
+    for m in methods:
+        if "error" in timing:
+            results[m] = timing
+            continue
+        memory = _run_child(workload, consumer, m, threads, 1, "memory", env)
+        results[m] = {**timing[m], "peak_mb": memory.get("peak_mb", float("nan"))}
+    return results
 
 
 def main():
@@ -253,7 +265,7 @@ def main():
     ap.add_argument("--only", default=None, help="comma-separated workloads to run")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--steady-malloc", action="store_true", help="time with freed memory kept in glibc's heap")
-    ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "CONSUMER", "METHOD", "WHAT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "CONSUMER", "METHODS", "WHAT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         workload, consumer, method, what = args.child
@@ -278,7 +290,7 @@ def main():
     for workload, consumer, methods in PLAN:
         if only and workload not in only:
             continue
-        results = {m: run_one(workload, consumer, m, args.threads, args.repeat, args.steady_malloc) for m in methods}
+        results = run_group(workload, consumer, methods, args.threads, args.repeat, args.steady_malloc)
         base = results.get("fastdd", {}).get("median_s")  # None when fastdd failed
         for m in methods:
             r = results[m]
