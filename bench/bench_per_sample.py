@@ -157,9 +157,19 @@ def _method(workload, consumer, method):
     if method == "fastdd_alloc":
         return lambda: fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn)
 
-    if method in ("fastdd", "gram", "materialize"):
-        if method != "fastdd":  # force one fixed strategy for every layer
-            per_sample_linear.gram_is_cheaper = (lambda T, d, p: T > 1) if method == "gram" else (lambda T, d, p: False)
+    if method in ("gram", "materialize"):  # one fixed norm strategy for every layer, during the call only
+        fixed = (lambda T, d, p: T > 1) if method == "gram" else (lambda T, d, p: False)
+
+        def fixed_strategy():
+            saved, per_sample_linear.gram_is_cheaper = per_sample_linear.gram_is_cheaper, fixed
+            try:
+                return fastdd.per_sample_grad_norms(model, x, y, loss_fn=loss_fn)
+            finally:
+                per_sample_linear.gram_is_cheaper = saved
+
+        return fixed_strategy
+
+    if method == "fastdd":
         if consumer == "grads":
             out = {n: torch.empty(B, *p.shape) for n, p in params.items()}
             fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn, out=out)  # touch the reused buffers
