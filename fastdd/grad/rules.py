@@ -289,13 +289,16 @@ class _AffineNormRule(Rule):
 
     def materialize(self, m, x, g, out=None):
         res = {}
-        gs = self.split(m, acc(g))
         if getattr(m, "weight", None) is not None:
-            # einsum reduces without writing the [B, C, S] product (3x faster at 28x28 maps)
-            xs = self.split(m, self.x_hat(m, acc(x)))
-            res["weight"] = self.unsplit(m, torch.einsum("bcs,bcs->bc", gs, xs)).to(g.dtype)
+            # x_hat a cache-sized chunk of samples at a time (about 1 MB: no large temporary to
+            # page-fault in), reduced by einsum without writing g * x_hat (3x faster at 28x28)
+            B = x.shape[0]
+            step = max(1, min(B, (1 << 18) // max(1, x[0].numel())))
+            parts = [torch.einsum("bcs,bcs->bc", self.split(m, acc(g[s])), self.split(m, self.x_hat(m, acc(x[s]))))
+                     for s in chunks(B, step)]
+            res["weight"] = self.unsplit(m, torch.cat(parts)).to(g.dtype)
         if getattr(m, "bias", None) is not None:
-            res["bias"] = self.unsplit(m, gs.sum(2)).to(g.dtype)
+            res["bias"] = self.unsplit(m, self.split(m, acc(g)).sum(2)).to(g.dtype)
         return res
 
 
