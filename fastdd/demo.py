@@ -259,7 +259,7 @@ def pruning_section(args, data) -> str:
     scores = prototype_scores(emb, n_clusters=10, seed=args.seed)
     fractions = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
     curve = pruning_curve(X, y, data.X_test, data.y_test, scores, fractions=fractions, n_seeds=args.seeds,
-                          train_fn=default_train_fn(args.epochs), progress=True)
+                          train_fn=default_train_fn(args.epochs, num_classes=10), progress=True)
     figure = "pruning_curve.png"
     curve.plot(os.path.join(args.out, figure), title="digits: self-supervised prototype pruning")
     advice = recommend_keep(len(y), 0.3, num_classes=10)

@@ -14,14 +14,19 @@ from .selection import KEEPS, select
 TrainFn = Callable[[torch.Tensor, torch.Tensor, int], nn.Module]
 
 
-def default_train_fn(epochs: int = 30) -> TrainFn:
-    """Train the DC ConvNet (width 32, depth 2) with SGD for ``epochs``, seeded."""
+def default_train_fn(epochs: int = 30, num_classes: int | None = None) -> TrainFn:
+    """Train the DC ConvNet (width 32, depth 2) with SGD for ``epochs``, seeded.
+
+    ``num_classes`` fixes the classifier's outputs (default: inferred from each subset,
+    which misses classes a subset happens to lack).
+    """
 
     def train(X, y, seed):
         from ..models import ConvNet
 
         torch.manual_seed(seed)
-        model = ConvNet(X.shape[1], int(y.max()) + 1 if len(y) else 1, X.shape[-1], width=32, depth=2)
+        classes = num_classes if num_classes is not None else int(y.max()) + 1
+        model = ConvNet(X.shape[1], classes, X.shape[-1], width=32, depth=2)
         return train_model(model, X, y, epochs=epochs, seed=seed)
 
     return train
@@ -89,7 +94,7 @@ def pruning_curve(X: torch.Tensor, y, X_test: torch.Tensor, y_test, scores,
     for k in keeps:
         if k not in KEEPS:
             raise ValueError(f"keeps must be among {KEEPS}, got {k!r}")
-    train_fn = train_fn or default_train_fn()
+    train_fn = train_fn or default_train_fn(num_classes=int(torch.cat([y, y_test]).max()) + 1)
     fractions = [float(f) for f in fractions]
     curve = PruningCurve(fractions, list(keeps), {k: torch.zeros(len(fractions), n_seeds) for k in keeps})
     jobs = [(i, f, s) for i, f in enumerate(fractions) for s in range(n_seeds)]
