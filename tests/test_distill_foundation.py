@@ -73,3 +73,43 @@ def test_evaluation_protocol_orders_sets_sensibly(digits):
     assert again == r10  # seeded
     with pytest.raises(ValueError, match=r"images must be \[N, C, H, W\]"):
         evaluate(digits.X_train[idx10].flatten(1), digits.y_train[idx10], digits.X_test, digits.y_test)
+
+
+def test_distribution_matching_beats_random_at_one_image_per_class(digits):
+    from fastdd.distill import DistributionMatching
+
+    opts = dict(width=32, depth=2)
+    images, labels = DistributionMatching(digits.X_train, digits.y_train, ipc=1, model_options=opts).run(60)
+    assert images.shape == (10, 1, 8, 8) and labels.tolist() == list(range(10))
+    ev = dict(n_models=2, epochs=100, model_options=opts)
+    dm = evaluate(images, labels, digits.X_test, digits.y_test, **ev)
+    idx = random_subset(digits.X_train, digits.y_train, 1)
+    rnd = evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **ev)
+    assert dm[0] >= rnd[0] + 0.10, (dm, rnd)
+
+
+def test_distribution_matching_resumes_exactly(digits):
+    from fastdd.distill import DistributionMatching
+
+    kw = dict(ipc=2, model_options=dict(width=8, depth=1), batch_real=16, seed=5)
+    full, _ = DistributionMatching(digits.X_train, digits.y_train, **kw).run(6)
+    first = DistributionMatching(digits.X_train, digits.y_train, **kw)
+    first.run(3)
+    state = first.state_dict()
+    resumed = DistributionMatching(digits.X_train, digits.y_train, **kw)
+    resumed.load_state_dict(state)
+    images, _ = resumed.run(6)
+    assert torch.equal(images, full)
+
+
+def test_distribution_matching_bad_input(digits):
+    from fastdd.distill import DistributionMatching
+
+    with pytest.raises(ValueError, match="ipc=200 is larger than the smallest class"):
+        DistributionMatching(digits.X_train, digits.y_train, ipc=200)
+    y = digits.y_train.clone()
+    y[y == 3] = 4
+    with pytest.raises(ValueError, match=r"classes \[3\] have no samples"):
+        DistributionMatching(digits.X_train, y, ipc=1)
+    with pytest.raises(ValueError, match="X must be images"):
+        DistributionMatching(digits.X_train.flatten(1), digits.y_train, ipc=1)
