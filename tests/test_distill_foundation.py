@@ -159,3 +159,50 @@ def test_gradient_matching_resumes_exactly(digits):
     resumed.load_state_dict(first.state_dict())
     images, _ = resumed.run(4)
     assert torch.equal(images, full)
+
+
+@pytest.fixture(scope="module")
+def experts(digits, tmp_path_factory):
+    from fastdd.distill import train_experts
+
+    folder = str(tmp_path_factory.mktemp("experts"))
+    kw = dict(n_experts=2, epochs=6, model_options=dict(width=32, depth=2), batch_size=64, save_dir=folder)
+    first = train_experts(digits.X_train, digits.y_train, **kw)
+    again = train_experts(digits.X_train, digits.y_train, **kw)  # loaded from the folder
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert first[0].shape[0] == 7
+    return first
+
+
+def test_trajectory_matching_beats_random_at_one_image_per_class(digits, experts):
+    from fastdd.distill import TrajectoryMatching
+
+    opts = dict(width=32, depth=2)
+    tm = TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, model_options=opts, syn_steps=8,
+                            expert_epochs=2, max_start_epoch=4)
+    images, labels = tm.run(40)
+    assert tm.lr > 0  # log-parametrized: always positive
+    ev = dict(n_models=2, epochs=100, model_options=opts)
+    mtt = evaluate(images, labels, digits.X_test, digits.y_test, **ev)
+    idx = random_subset(digits.X_train, digits.y_train, 1)
+    rnd = evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **ev)
+    assert mtt[0] >= rnd[0] + 0.10, (mtt, rnd)
+
+
+def test_trajectory_matching_resumes_exactly_and_validates(digits, experts):
+    from fastdd.distill import TrajectoryMatching
+
+    kw = dict(model_options=dict(width=32, depth=2), syn_steps=3, expert_epochs=2, max_start_epoch=3, seed=2)
+    full, _ = TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, **kw).run(4)
+    first = TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, **kw)
+    first.run(2)
+    resumed = TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, **kw)
+    resumed.load_state_dict(first.state_dict())
+    images, _ = resumed.run(4)
+    assert torch.equal(images, full)
+    with pytest.raises(ValueError, match="exceeds the 6 epochs the experts were trained for"):
+        TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, model_options=dict(width=32, depth=2),
+                           expert_epochs=3, max_start_epoch=4)
+    with pytest.raises(ValueError, match="parameters but the model has"):
+        TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, model_options=dict(width=16, depth=2),
+                           expert_epochs=2, max_start_epoch=3)

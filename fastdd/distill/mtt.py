@@ -1,0 +1,171 @@
+"""Trajectory matching (MTT, Cazenavette et al. 2022) and the expert trajectories it matches.
+
+Experts: SGD on the real data, flat parameters saved every epoch. Each iteration starts a
+student at a random expert epoch ``s < max_start_epoch``, takes ``syn_steps`` differentiable
+SGD steps on the synthetic set with a learnable learning rate (``exp(log_lr)``: always
+positive), and minimizes ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` with ``theta*``
+the expert at epoch ``s + expert_epochs``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .. import _checkpoint
+from .._validate import as_labels, check_positive_int
+from ..models import get_model
+from ..train import train_model
+from .augment import DSA
+
+
+def _flat(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def train_experts(X: torch.Tensor, y, n_experts: int = 5, epochs: int = 15, model: str = "convnet",
+                  model_options: dict | None = None, lr: float = 0.01, batch_size: int = 256, save_dir: str | None = None,
+                  fp16: bool = False, seed: int = 0, progress: bool = False) -> list[torch.Tensor]:
+    """Expert trajectories ``[epochs + 1, P]`` (flat parameters at the start and after each epoch).
+
+    Plain SGD (no momentum, no weight decay), as the MTT buffers. With ``save_dir`` each
+    expert is saved as ``expert_{i}.pt`` and reused when present (same settings).
+    """
+    y = as_labels(y, "y", n=len(X))
+    check_positive_int(n_experts, "n_experts")
+    check_positive_int(epochs, "epochs")
+    num_classes = int(y.max()) + 1
+    identity = {"epochs": epochs, "model": model, "options": dict(model_options or {}), "lr": lr, "n": len(y)}
+    trajectories = []
+    it = range(n_experts)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="expert trajectories", unit="expert")
+    for i in it:
+        path = os.path.join(save_dir, f"expert_{i}.pt") if save_dir else None
+        state = _checkpoint.load(path, {**identity, "seed": seed + i})
+        if state is not None:
+            trajectories.append(state["trajectory"].float())
+            continue
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + i)
+            net = get_model(model, X.shape[1], num_classes, X.shape[-1], **(model_options or {})).to(X.device)
+        snapshots = [_flat(net)]
+        for e in range(epochs):
+            train_model(net, X, y, epochs=1, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0,
+                        seed=seed * 1000 + i * 100 + e)
+            snapshots.append(_flat(net))
+        traj = torch.stack(snapshots)
+        if path:
+            _checkpoint.save(path, {"identity": {**identity, "seed": seed + i},
+                                    "trajectory": traj.half() if fp16 else traj})
+        trajectories.append(traj)
+    return trajectories
+
+
+class TrajectoryMatching:
+    """Distill ``(X, y)`` into ``ipc`` images per class by matching expert trajectories.
+
+    Args:
+        experts: trajectories from :func:`train_experts` (same model and options).
+        syn_steps, expert_epochs, max_start_epoch: the paper's N, M and T+.
+        lr_img, lr_lr: SGD rates of the images and of ``log_lr`` (defaults 100 and 0.01, set on
+            standardized 8x8 digits); ``lr_init``: the starting synthetic learning rate (the
+            experts' 0.01).
+    """
+
+    def __init__(self, X: torch.Tensor, y, ipc: int, experts: list, model: str = "convnet",
+                 model_options: dict | None = None, syn_steps: int = 10, expert_epochs: int = 2,
+                 max_start_epoch: int = 5, lr_img: float = 100.0, lr_lr: float = 0.01, lr_init: float = 0.01,
+                 momentum: float = 0.5, dsa: DSA | None = None, seed: int = 0):
+        if X.dim() != 4:
+            raise ValueError(f"X must be images [N, C, H, W], got shape {tuple(X.shape)}")
+        self.y = as_labels(y, "y", n=len(X))
+        check_positive_int(ipc, "ipc")
+        self.num_classes = int(self.y.max()) + 1
+        counts = torch.bincount(self.y, minlength=self.num_classes)
+        if ipc > int(counts.min()):
+            raise ValueError(f"ipc={ipc} is larger than the smallest class ({int(counts.min())} samples)")
+        if not experts:
+            raise ValueError("experts is empty: train them with train_experts()")
+        T = experts[0].shape[0] - 1
+        if max_start_epoch + expert_epochs > T:
+            raise ValueError(f"max_start_epoch ({max_start_epoch}) + expert_epochs ({expert_epochs}) exceeds the "
+                             f"{T} epochs the experts were trained for")
+        self.experts, self.syn_steps, self.expert_epochs, self.max_start = experts, syn_steps, expert_epochs, max_start_epoch
+        self.gen = torch.Generator().manual_seed(seed)
+        with torch.random.fork_rng(devices=[]):
+            self.net = get_model(model, X.shape[1], self.num_classes, X.shape[-1], **(model_options or {})).to(X.device)
+        self.names = [n for n, _ in self.net.named_parameters()]
+        self.shapes = [p.shape for p in self.net.parameters()]
+        self.sizes = [p.numel() for p in self.net.parameters()]
+        if sum(self.sizes) != experts[0].shape[1]:
+            raise ValueError(f"the experts have {experts[0].shape[1]} parameters but the model has {sum(self.sizes)}")
+        by_class = [torch.nonzero(self.y == c).flatten() for c in range(self.num_classes)]
+        picks = torch.cat([rows[torch.randperm(len(rows), generator=self.gen)[:ipc]] for rows in by_class])
+        self.images = X[picks].clone().requires_grad_(True)
+        self.labels = torch.arange(self.num_classes, device=X.device).repeat_interleave(ipc)
+        self.log_lr = torch.tensor(float(torch.log(torch.tensor(lr_init))), device=X.device, requires_grad=True)
+        self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
+        self.opt_lr = torch.optim.SGD([self.log_lr], lr=lr_lr, momentum=momentum)
+        self.dsa = dsa
+        self.iteration = 0
+
+    @property
+    def lr(self) -> float:
+        return float(self.log_lr.detach().exp())
+
+    def _forward(self, flat, x):
+        params = dict(zip(self.names, (t.view(s) for t, s in zip(torch.split(flat, self.sizes), self.shapes))))
+        return functional_call(self.net, params, (x,))
+
+    def step(self) -> float:
+        e = int(torch.randint(len(self.experts), (1,), generator=self.gen))
+        s = int(torch.randint(self.max_start, (1,), generator=self.gen))
+        traj = self.experts[e].to(self.images.device).float()
+        start, target = traj[s], traj[s + self.expert_epochs]
+        theta = start.clone().requires_grad_(True)
+        lr = self.log_lr.exp()
+        x = self.images
+        for _ in range(self.syn_steps):
+            xs = self.dsa.apply(x, self.dsa.sample(self.gen)) if self.dsa is not None else x
+            loss = F.cross_entropy(self._forward(theta, xs), self.labels)
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+            theta = theta - lr * g
+        match = (theta - target).square().sum() / (start - target).square().sum().clamp_min(1e-12)
+        if not torch.isfinite(match):
+            raise FloatingPointError(f"non-finite trajectory-matching loss at iteration {self.iteration}")
+        self.opt_img.zero_grad()
+        self.opt_lr.zero_grad()
+        match.backward()
+        self.opt_img.step()
+        self.opt_lr.step()
+        self.iteration += 1
+        return float(match.detach())
+
+    def run(self, iterations: int, progress: bool = False):
+        it = range(self.iteration, iterations)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc="trajectory matching", unit="it")
+        for _ in it:
+            self.step()
+        return self.images.detach().clone(), self.labels.clone()
+
+    def state_dict(self) -> dict:
+        return {"images": self.images.detach().clone(), "log_lr": self.log_lr.detach().clone(),
+                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
+                "rng": self.gen.get_state(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.images.copy_(state["images"])
+            self.log_lr.copy_(state["log_lr"])
+        self.opt_img.load_state_dict(state["opt_img"])
+        self.opt_lr.load_state_dict(state["opt_lr"])
+        self.gen.set_state(state["rng"])
+        self.iteration = state["iteration"]
