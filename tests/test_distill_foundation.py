@@ -206,3 +206,46 @@ def test_trajectory_matching_resumes_exactly_and_validates(digits, experts):
     with pytest.raises(ValueError, match="parameters but the model has"):
         TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, model_options=dict(width=16, depth=2),
                            expert_epochs=2, max_start_epoch=3)
+
+
+def test_meta_learning_beats_random_at_one_image_per_class(digits):
+    from fastdd.distill import MetaLearning
+
+    opts = dict(width=32, depth=2)
+    ml = MetaLearning(digits.X_train, digits.y_train, 1, model_options=opts, inner_steps=5)
+    images, labels = ml.run(40)
+    assert ml.lr > 0
+    ev = dict(n_models=2, epochs=100, model_options=opts)
+    dd = evaluate(images, labels, digits.X_test, digits.y_test, **ev)
+    idx = random_subset(digits.X_train, digits.y_train, 1)
+    rnd = evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **ev)
+    assert dd[0] >= rnd[0] + 0.10, (dd, rnd)
+
+
+def test_distill_checkpoint_resume_equals_uninterrupted(tmp_path, digits):
+    from fastdd.distill import SyntheticSet, distill
+
+    kw = dict(method="dm", ipc=2, model_options=dict(width=8, depth=1), batch_real=16, seed=1)
+    full = distill(digits.X_train, digits.y_train, iterations=6, **kw)
+    ck = str(tmp_path / "dm.pt")
+    distill(digits.X_train, digits.y_train, iterations=3, checkpoint=ck, checkpoint_every=1, **kw)  # "interrupted"
+    resumed = distill(digits.X_train, digits.y_train, iterations=6, checkpoint=ck, checkpoint_every=1, **kw)
+    assert torch.equal(resumed.images, full.images) and resumed.info["iterations"] == 6
+    path = str(tmp_path / "set.pt")
+    full.save(path)
+    back = SyntheticSet.load(path)
+    assert torch.equal(back.images, full.images) and torch.equal(back.labels, full.labels) and back.method == "dm"
+    with pytest.raises(ValueError, match="method must be one of"):
+        distill(digits.X_train, digits.y_train, "kip", 1)
+
+
+def test_distill_stops_on_non_finite_loss_and_keeps_the_last_good_state(tmp_path, digits):
+    from fastdd.distill import distill
+    from fastdd import _checkpoint
+
+    ck = str(tmp_path / "blowup.pt")
+    with pytest.raises(FloatingPointError, match=r"non-finite DM loss at iteration \d+.*the last good state is in"):
+        distill(digits.X_train, digits.y_train, "dm", 1, iterations=20, checkpoint=ck, lr_img=1e38,
+                model_options=dict(width=8, depth=1), batch_real=16)
+    state = _checkpoint.load(ck, {"method": "dm", "ipc": 1, "model": "convnet", "seed": 0, "n": len(digits.y_train)})
+    assert torch.isfinite(state["engine"]["images"]).all()
