@@ -290,7 +290,7 @@ def distillation_section(args, data) -> str:
         "dm": ({1: 100, 10: 100}, {}),
         "mtt": ({1: 100, 10: 100}, dict(experts=experts, syn_steps=10, expert_epochs=2, max_start_epoch=4)),
     }
-    rows, cost = {}, {}
+    rows = {}
     for ipc in (1, 10):
         for name, select in (("random", random_subset), ("herding", herding_subset), ("k-means", kmeans_subset)):
             idx = select(X, y, ipc, seed=args.seed) if name != "herding" else select(X, y, ipc)
