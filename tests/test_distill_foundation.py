@@ -248,4 +248,4 @@ def test_distill_stops_on_non_finite_loss_and_keeps_the_last_good_state(tmp_path
         distill(digits.X_train, digits.y_train, "dm", 1, iterations=20, checkpoint=ck, lr_img=1e38,
                 model_options=dict(width=8, depth=1), batch_real=16)
     state = _checkpoint.load(ck, {"method": "dm", "ipc": 1, "model": "convnet", "seed": 0, "n": len(digits.y_train)})
-    assert torch.isfinite(state["engine"]["images"]).all()
+    assert torch.isfinite(state["engine"]["learned"]["images"]).all()

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import as_labels, check_positive_int
 from ..grad import classwise_grads
-from ..models import get_model
+from ._base import Distiller
 from .augment import DSA
 
 LOOPS_BY_IPC = {1: (1, 1), 10: (10, 50), 50: (50, 10)}  # ipc -> (outer_loop, inner_loop), DC paper
@@ -42,7 +41,7 @@ def match_distance(g_real: dict, g_syn: dict, metric: str = "ours") -> torch.Ten
     raise ValueError(f"metric must be 'ours', 'mse' or 'cos', got {metric!r}")
 
 
-class GradientMatching:
+class GradientMatching(Distiller):
     """Distill ``(X, y)`` into ``ipc`` images per class by gradient matching (DC, or DSA with ``dsa``).
 
     ``outer_loop``/``inner_loop`` default to the paper's by ipc (1: 1/1, 10: 10/50, 50: 50/10;
@@ -50,51 +49,28 @@ class GradientMatching:
     ``load_state_dict()`` resume exactly.
     """
 
+    description = "gradient matching"
+
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  batch_real: int = 256, lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  outer_loop: int | None = None, inner_loop: int | None = None, metric: str = "ours",
                  dsa: DSA | None = None, seed: int = 0):
-        if X.dim() != 4:
-            raise ValueError(f"X must be images [N, C, H, W], got shape {tuple(X.shape)}")
-        self.y = as_labels(y, "y", n=len(X))
-        check_positive_int(ipc, "ipc")
-        self.num_classes = int(self.y.max()) + 1
-        counts = torch.bincount(self.y, minlength=self.num_classes)
-        empty = torch.nonzero(counts == 0).flatten().tolist()
-        if empty:
-            raise ValueError(f"classes {empty} have no samples; relabel to consecutive classes")
-        if ipc > int(counts.min()):
-            raise ValueError(f"ipc={ipc} is larger than the smallest class ({int(counts.min())} samples)")
         match_distance({"w": torch.ones(1, 1)}, {"w": torch.ones(1, 1)}, metric)  # validates metric
+        self._setup(X, y, ipc, model, model_options, seed)
         outer, inner = LOOPS_BY_IPC.get(ipc, (10, 10))
         self.outer_loop, self.inner_loop = outer_loop or outer, inner_loop if inner_loop is not None else inner
-        self.X, self.ipc, self.batch_real, self.lr_net, self.metric, self.dsa = X, ipc, batch_real, lr_net, metric, dsa
-        self.model, self.model_options = model, dict(model_options or {})
-        self.gen = torch.Generator().manual_seed(seed)
-        self.by_class = [torch.nonzero(self.y == c).flatten() for c in range(self.num_classes)]
-        picks = torch.cat([rows[torch.randperm(len(rows), generator=self.gen)[:ipc]] for rows in self.by_class])
-        self.images = X[picks].clone().requires_grad_(True)
-        self.labels = torch.arange(self.num_classes, device=X.device).repeat_interleave(ipc)
+        self.batch_real, self.lr_net, self.metric, self.dsa = batch_real, lr_net, metric, dsa
+        self.images = self._real_images()
         self.opt = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
-        self.iteration = 0
-
-    def _net(self):
-        seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return get_model(self.model, self.X.shape[1], self.num_classes, self.X.shape[-1],
-                             **self.model_options).to(self.X.device)
 
     def step(self) -> float:
-        net = self._net()
+        net = self._fresh_net()
         names = [n for n, p in net.named_parameters() if p.dim() > 1]  # bias/norm ignored by "ours"
         params = [dict(net.named_parameters())[n] for n in names]
         net_opt = torch.optim.SGD(net.parameters(), lr=self.lr_net)
         last = 0.0
         for outer in range(self.outer_loop):
-            real_idx = torch.cat([rows[torch.randint(len(rows), (min(self.batch_real, len(rows)),), generator=self.gen)]
-                                  for rows in self.by_class])
-            real, real_labels = self.X[real_idx], self.y[real_idx]
+            real, real_labels = self._real_batch(self.batch_real)
             syn = self.images
             if self.dsa is not None:
                 real, syn = self.dsa(real, syn, self.gen)
@@ -119,24 +95,3 @@ class GradientMatching:
                 net_opt.step()
         self.iteration += 1
         return last
-
-    def run(self, iterations: int, progress: bool = False):
-        it = range(self.iteration, iterations)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, desc="gradient matching", unit="it")
-        for _ in it:
-            self.step()
-        return self.images.detach().clone(), self.labels.clone()
-
-    def state_dict(self) -> dict:
-        return {"images": self.images.detach().clone(), "opt": self.opt.state_dict(),
-                "rng": self.gen.get_state(), "iteration": self.iteration}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.images.copy_(state["images"])
-        self.opt.load_state_dict(state["opt"])
-        self.gen.set_state(state["rng"])
-        self.iteration = state["iteration"]

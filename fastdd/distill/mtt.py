@@ -18,6 +18,7 @@ from .. import _checkpoint
 from .._validate import as_labels, check_positive_int
 from ..models import get_model
 from ..train import train_model
+from ._base import Distiller
 from .augment import DSA
 
 
@@ -66,7 +67,7 @@ def train_experts(X: torch.Tensor, y, n_experts: int = 5, epochs: int = 15, mode
     return trajectories
 
 
-class TrajectoryMatching:
+class TrajectoryMatching(Distiller):
     """Distill ``(X, y)`` into ``ipc`` images per class by matching expert trajectories.
 
     Args:
@@ -77,18 +78,13 @@ class TrajectoryMatching:
             experts' 0.01).
     """
 
+    description = "trajectory matching"
+
     def __init__(self, X: torch.Tensor, y, ipc: int, experts: list, model: str = "convnet",
                  model_options: dict | None = None, syn_steps: int = 10, expert_epochs: int = 2,
                  max_start_epoch: int = 5, lr_img: float = 100.0, lr_lr: float = 0.01, lr_init: float = 0.01,
                  momentum: float = 0.5, dsa: DSA | None = None, seed: int = 0):
-        if X.dim() != 4:
-            raise ValueError(f"X must be images [N, C, H, W], got shape {tuple(X.shape)}")
-        self.y = as_labels(y, "y", n=len(X))
-        check_positive_int(ipc, "ipc")
-        self.num_classes = int(self.y.max()) + 1
-        counts = torch.bincount(self.y, minlength=self.num_classes)
-        if ipc > int(counts.min()):
-            raise ValueError(f"ipc={ipc} is larger than the smallest class ({int(counts.min())} samples)")
+        self._setup(X, y, ipc, model, model_options, seed)
         if not experts:
             raise ValueError("experts is empty: train them with train_experts()")
         T = experts[0].shape[0] - 1
@@ -96,23 +92,18 @@ class TrajectoryMatching:
             raise ValueError(f"max_start_epoch ({max_start_epoch}) + expert_epochs ({expert_epochs}) exceeds the "
                              f"{T} epochs the experts were trained for")
         self.experts, self.syn_steps, self.expert_epochs, self.max_start = experts, syn_steps, expert_epochs, max_start_epoch
-        self.gen = torch.Generator().manual_seed(seed)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # only the structure matters: parameters come from the experts
             self.net = get_model(model, X.shape[1], self.num_classes, X.shape[-1], **(model_options or {})).to(X.device)
         self.names = [n for n, _ in self.net.named_parameters()]
         self.shapes = [p.shape for p in self.net.parameters()]
         self.sizes = [p.numel() for p in self.net.parameters()]
         if sum(self.sizes) != experts[0].shape[1]:
             raise ValueError(f"the experts have {experts[0].shape[1]} parameters but the model has {sum(self.sizes)}")
-        by_class = [torch.nonzero(self.y == c).flatten() for c in range(self.num_classes)]
-        picks = torch.cat([rows[torch.randperm(len(rows), generator=self.gen)[:ipc]] for rows in by_class])
-        self.images = X[picks].clone().requires_grad_(True)
-        self.labels = torch.arange(self.num_classes, device=X.device).repeat_interleave(ipc)
+        self.images = self._real_images()
         self.log_lr = torch.tensor(float(torch.log(torch.tensor(lr_init))), device=X.device, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
         self.opt_lr = torch.optim.SGD([self.log_lr], lr=lr_lr, momentum=momentum)
         self.dsa = dsa
-        self.iteration = 0
 
     @property
     def lr(self) -> float:
@@ -146,26 +137,8 @@ class TrajectoryMatching:
         self.iteration += 1
         return float(match.detach())
 
-    def run(self, iterations: int, progress: bool = False):
-        it = range(self.iteration, iterations)
-        if progress:
-            from tqdm import tqdm
+    def _learned(self) -> dict:
+        return {"images": self.images, "log_lr": self.log_lr}
 
-            it = tqdm(it, desc="trajectory matching", unit="it")
-        for _ in it:
-            self.step()
-        return self.images.detach().clone(), self.labels.clone()
-
-    def state_dict(self) -> dict:
-        return {"images": self.images.detach().clone(), "log_lr": self.log_lr.detach().clone(),
-                "opt_img": self.opt_img.state_dict(), "opt_lr": self.opt_lr.state_dict(),
-                "rng": self.gen.get_state(), "iteration": self.iteration}
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.images.copy_(state["images"])
-            self.log_lr.copy_(state["log_lr"])
-        self.opt_img.load_state_dict(state["opt_img"])
-        self.opt_lr.load_state_dict(state["opt_lr"])
-        self.gen.set_state(state["rng"])
-        self.iteration = state["iteration"]
+    def _optimizers(self) -> dict:
+        return {"opt_img": self.opt_img, "opt_lr": self.opt_lr}

@@ -1,0 +1,89 @@
+"""What every distillation method shares: input checks, real-image initialization, fresh
+random networks, ``run`` with a progress bar, and exact ``state_dict`` / ``load_state_dict``."""
+from __future__ import annotations
+
+import torch
+
+from .._validate import as_labels, check_positive_int
+from ..models import get_model
+
+
+class Distiller:
+    """Base of DD, DC/DSA, DM and MTT. Subclasses call :meth:`_setup`, create ``self.images``
+    (``_real_images``), list their learnable tensors in ``_learned`` and optimizers in
+    ``_optimizers``, and implement ``step()``."""
+
+    description = "distilling"
+
+    def _setup(self, X: torch.Tensor, y, ipc: int, model: str, model_options: dict | None, seed: int) -> None:
+        if X.dim() != 4:
+            raise ValueError(f"X must be images [N, C, H, W], got shape {tuple(X.shape)}")
+        self.y = as_labels(y, "y", n=len(X))
+        check_positive_int(ipc, "ipc")
+        self.num_classes = int(self.y.max()) + 1
+        counts = torch.bincount(self.y, minlength=self.num_classes)
+        empty = torch.nonzero(counts == 0).flatten().tolist()
+        if empty:
+            raise ValueError(f"classes {empty} have no samples; relabel to consecutive classes")
+        if ipc > int(counts.min()):
+            raise ValueError(f"ipc={ipc} is larger than the smallest class ({int(counts.min())} samples)")
+        self.X, self.ipc = X, ipc
+        self.model, self.model_options = model, dict(model_options or {})
+        self.gen = torch.Generator().manual_seed(seed)
+        self.by_class = [torch.nonzero(self.y == c).flatten() for c in range(self.num_classes)]
+        self.labels = torch.arange(self.num_classes, device=X.device).repeat_interleave(ipc)
+        self.iteration = 0
+
+    def _real_images(self) -> torch.Tensor:
+        """``ipc`` random real images of each class, as a leaf to optimize."""
+        picks = torch.cat([rows[torch.randperm(len(rows), generator=self.gen)[:self.ipc]] for rows in self.by_class])
+        return self.X[picks].clone().requires_grad_(True)
+
+    def _fresh_net(self, seed: int | None = None):
+        """A randomly initialized network (seeded from the run's generator; the caller's RNG is untouched)."""
+        if seed is None:
+            seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = get_model(self.model, self.X.shape[1], self.num_classes, self.X.shape[-1], **self.model_options)
+        return net.to(self.X.device)
+
+    def _real_batch(self, per_class: int):
+        """``per_class`` random real images of every class (with replacement) and their labels."""
+        idx = torch.cat([rows[torch.randint(len(rows), (min(per_class, len(rows)),), generator=self.gen)]
+                         for rows in self.by_class])
+        return self.X[idx], self.y[idx]
+
+    def _learned(self) -> dict:
+        return {"images": self.images}
+
+    def _optimizers(self) -> dict:
+        return {"opt": self.opt}
+
+    def step(self) -> float:
+        raise NotImplementedError
+
+    def run(self, iterations: int, progress: bool = False):
+        """Step until ``iterations`` in total; returns ``(images, labels)``."""
+        it = range(self.iteration, iterations)
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(it, desc=self.description, unit="it")
+        for _ in it:
+            self.step()
+        return self.images.detach().clone(), self.labels.clone()
+
+    def state_dict(self) -> dict:
+        return {"learned": {k: t.detach().clone() for k, t in self._learned().items()},
+                "optimizers": {k: o.state_dict() for k, o in self._optimizers().items()},
+                "rng": self.gen.get_state(), "iteration": self.iteration}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for k, t in self._learned().items():
+                t.copy_(state["learned"][k])
+        for k, o in self._optimizers().items():
+            o.load_state_dict(state["optimizers"][k])
+        self.gen.set_state(state["rng"])
+        self.iteration = state["iteration"]
