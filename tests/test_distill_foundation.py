@@ -48,6 +48,21 @@ def digits():
     return load_digits()
 
 
+EVAL_IPC1 = dict(n_models=2, epochs=100, model_options=dict(width=32, depth=2))
+
+
+@pytest.fixture(scope="module")
+def random_ipc1(digits):
+    """The random-subset baseline at 1 image per class, evaluated once for every method's test."""
+    idx = random_subset(digits.X_train, digits.y_train, 1)
+    return evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **EVAL_IPC1)
+
+
+def _assert_beats_random_by_10_points(images, labels, digits, baseline):
+    distilled = evaluate(images, labels, digits.X_test, digits.y_test, **EVAL_IPC1)
+    assert distilled[0] >= baseline[0] + 0.10, (distilled, baseline)
+
+
 @pytest.mark.parametrize("select", [random_subset, herding_subset, kmeans_subset])
 def test_baselines_pick_ipc_per_class(digits, select):
     idx = select(digits.X_train, digits.y_train, 3)
@@ -75,17 +90,13 @@ def test_evaluation_protocol_orders_sets_sensibly(digits):
         evaluate(digits.X_train[idx10].flatten(1), digits.y_train[idx10], digits.X_test, digits.y_test)
 
 
-def test_distribution_matching_beats_random_at_one_image_per_class(digits):
+def test_distribution_matching_beats_random_at_one_image_per_class(digits, random_ipc1):
     from fastdd.distill import DistributionMatching
 
-    opts = dict(width=32, depth=2)
+    opts = EVAL_IPC1["model_options"]
     images, labels = DistributionMatching(digits.X_train, digits.y_train, ipc=1, model_options=opts).run(60)
     assert images.shape == (10, 1, 8, 8) and labels.tolist() == list(range(10))
-    ev = dict(n_models=2, epochs=100, model_options=opts)
-    dm = evaluate(images, labels, digits.X_test, digits.y_test, **ev)
-    idx = random_subset(digits.X_train, digits.y_train, 1)
-    rnd = evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **ev)
-    assert dm[0] >= rnd[0] + 0.10, (dm, rnd)
+    _assert_beats_random_by_10_points(images, labels, digits, random_ipc1)
 
 
 def test_distribution_matching_resumes_exactly(digits):
@@ -134,18 +145,14 @@ def test_match_distance_definitions():
 
 
 @pytest.mark.parametrize("use_dsa", [False, True])
-def test_gradient_matching_beats_random_at_one_image_per_class(digits, use_dsa):
+def test_gradient_matching_beats_random_at_one_image_per_class(digits, use_dsa, random_ipc1):
     from fastdd.distill import GradientMatching
 
-    opts = dict(width=32, depth=2)
+    opts = EVAL_IPC1["model_options"]
     gm = GradientMatching(digits.X_train, digits.y_train, ipc=1, model_options=opts, dsa=DSA() if use_dsa else None)
     assert (gm.outer_loop, gm.inner_loop) == (1, 1)  # the paper's loops for ipc 1
     images, labels = gm.run(40)
-    ev = dict(n_models=2, epochs=100, model_options=opts)
-    dc = evaluate(images, labels, digits.X_test, digits.y_test, **ev)
-    idx = random_subset(digits.X_train, digits.y_train, 1)
-    rnd = evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **ev)
-    assert dc[0] >= rnd[0] + 0.10, (dc, rnd)
+    _assert_beats_random_by_10_points(images, labels, digits, random_ipc1)
 
 
 def test_gradient_matching_resumes_exactly(digits):
@@ -174,19 +181,15 @@ def experts(digits, tmp_path_factory):
     return first
 
 
-def test_trajectory_matching_beats_random_at_one_image_per_class(digits, experts):
+def test_trajectory_matching_beats_random_at_one_image_per_class(digits, experts, random_ipc1):
     from fastdd.distill import TrajectoryMatching
 
-    opts = dict(width=32, depth=2)
+    opts = EVAL_IPC1["model_options"]
     tm = TrajectoryMatching(digits.X_train, digits.y_train, 1, experts, model_options=opts, syn_steps=8,
                             expert_epochs=2, max_start_epoch=4)
     images, labels = tm.run(40)
     assert tm.lr > 0  # log-parametrized: always positive
-    ev = dict(n_models=2, epochs=100, model_options=opts)
-    mtt = evaluate(images, labels, digits.X_test, digits.y_test, **ev)
-    idx = random_subset(digits.X_train, digits.y_train, 1)
-    rnd = evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **ev)
-    assert mtt[0] >= rnd[0] + 0.10, (mtt, rnd)
+    _assert_beats_random_by_10_points(images, labels, digits, random_ipc1)
 
 
 def test_trajectory_matching_resumes_exactly_and_validates(digits, experts):
@@ -208,18 +211,14 @@ def test_trajectory_matching_resumes_exactly_and_validates(digits, experts):
                            expert_epochs=2, max_start_epoch=3)
 
 
-def test_meta_learning_beats_random_at_one_image_per_class(digits):
+def test_meta_learning_beats_random_at_one_image_per_class(digits, random_ipc1):
     from fastdd.distill import MetaLearning
 
-    opts = dict(width=32, depth=2)
+    opts = EVAL_IPC1["model_options"]
     ml = MetaLearning(digits.X_train, digits.y_train, 1, model_options=opts, inner_steps=5)
     images, labels = ml.run(40)
     assert ml.lr > 0
-    ev = dict(n_models=2, epochs=100, model_options=opts)
-    dd = evaluate(images, labels, digits.X_test, digits.y_test, **ev)
-    idx = random_subset(digits.X_train, digits.y_train, 1)
-    rnd = evaluate(digits.X_train[idx], digits.y_train[idx], digits.X_test, digits.y_test, **ev)
-    assert dd[0] >= rnd[0] + 0.10, (dd, rnd)
+    _assert_beats_random_by_10_points(images, labels, digits, random_ipc1)
 
 
 def test_distill_checkpoint_resume_equals_uninterrupted(tmp_path, digits):
