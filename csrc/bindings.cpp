@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 
 #include "cg_update.h"
+#include "grad_distance.h"
+#include "mmd.h"
 #include "per_sample_linear.h"
 
 namespace {
@@ -106,6 +108,77 @@ void cg_update_p(torch::Tensor p, torch::Tensor r, torch::Tensor beta, c10::opti
                                   optional_diag(inv_diag, P), P, K, stream));
 }
 
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CUDA tensor");
+}
+
+void check_i64(const torch::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kLong && t.is_contiguous() && t.numel() == n, name,
+              " must be a contiguous int64 CUDA tensor of ", n, " entries");
+}
+
+void row_stats(torch::Tensor a, torch::Tensor b, torch::Tensor off, torch::Tensor len, torch::Tensor out,
+               int64_t stream) {
+  check_f32(a, "a"); check_f32(b, "b"); check_f32(out, "out");
+  TORCH_CHECK(a.dim() == 2 && a.sizes() == b.sizes(), "a and b must be [C, P] of one shape");
+  const int64_t C = a.size(0), P = a.size(1), R = off.numel();
+  check_i64(off, "offsets", R); check_i64(len, "lengths", R);
+  TORCH_CHECK(out.numel() == C * R * 4, "out must be [C, R, 4]");
+  check_launch(row_stats_launch(a.data_ptr<float>(), b.data_ptr<float>(), off.data_ptr<int64_t>(),
+                                len.data_ptr<int64_t>(), out.data_ptr<float>(), C, P, R, stream));
+}
+
+void row_axpby(torch::Tensor a, torch::Tensor b, torch::Tensor c1, torch::Tensor c2, torch::Tensor off,
+               torch::Tensor len, torch::Tensor out, int64_t stream) {
+  check_f32(a, "a"); check_f32(b, "b"); check_f32(c1, "c1"); check_f32(c2, "c2"); check_f32(out, "out");
+  TORCH_CHECK(a.dim() == 2 && a.sizes() == b.sizes() && out.sizes() == a.sizes(), "a, b, out must be [C, P]");
+  const int64_t C = a.size(0), P = a.size(1), R = off.numel();
+  check_i64(off, "offsets", R); check_i64(len, "lengths", R);
+  TORCH_CHECK(c1.numel() == C * R && c2.numel() == C * R, "c1 and c2 must be [C, R]");
+  check_launch(row_axpby_launch(a.data_ptr<float>(), b.data_ptr<float>(), c1.data_ptr<float>(), c2.data_ptr<float>(),
+                                off.data_ptr<int64_t>(), len.data_ptr<int64_t>(), out.data_ptr<float>(), C, P, R, stream));
+}
+
+void segment_mean(torch::Tensor x, torch::Tensor seg, torch::Tensor out, int64_t stream) {
+  check_f32(x, "x"); check_f32(out, "out");
+  TORCH_CHECK(x.dim() == 2, "x must be [N, D]");
+  const int64_t C = seg.numel() - 1, D = x.size(1);
+  check_i64(seg, "segments", C + 1);
+  TORCH_CHECK(out.numel() == C * D, "out must be [C, D]");
+  check_launch(segment_mean_launch(x.data_ptr<float>(), seg.data_ptr<int64_t>(), out.data_ptr<float>(), C, D, stream));
+}
+
+void segment_mean_bwd(torch::Tensor g, torch::Tensor seg, torch::Tensor out, int64_t stream) {
+  check_f32(g, "g"); check_f32(out, "out");
+  const int64_t C = seg.numel() - 1, D = g.size(1);
+  check_i64(seg, "segments", C + 1);
+  TORCH_CHECK(g.dim() == 2 && g.size(0) == C && out.dim() == 2 && out.size(1) == D, "g must be [C, D], out [N, D]");
+  check_launch(segment_mean_bwd_launch(g.data_ptr<float>(), seg.data_ptr<int64_t>(), out.data_ptr<float>(), C, D, stream));
+}
+
+void rbf(torch::Tensor q, torch::Tensor k, torch::Tensor q_cls, torch::Tensor kseg, c10::optional<torch::Tensor> wq,
+         c10::optional<torch::Tensor> wk, torch::Tensor out, double gamma, int64_t stream) {
+  check_f32(q, "q"); check_f32(k, "k"); check_f32(out, "out");
+  TORCH_CHECK(q.dim() == 2 && k.dim() == 2 && q.size(1) == k.size(1), "q and k must be [N, D] with one D");
+  const int64_t Nq = q.size(0), D = q.size(1);
+  TORCH_CHECK(D <= RBF_MAX_D, "the CUDA RBF kernel takes D <= ", RBF_MAX_D, ", got ", D);
+  check_i64(q_cls, "q_cls", Nq);
+  TORCH_CHECK(wq.has_value() == wk.has_value(), "pass both weights or neither");
+  const float* wq_p = nullptr;
+  const float* wk_p = nullptr;
+  if (wq.has_value()) {
+    check_f32(*wq, "wq"); check_f32(*wk, "wk");
+    TORCH_CHECK(wq->numel() == Nq && wk->numel() == k.size(0), "wq must be [Nq] and wk [Nk]");
+    TORCH_CHECK(out.numel() == Nq * D, "out must be [Nq, D]");
+    wq_p = wq->data_ptr<float>(); wk_p = wk->data_ptr<float>();
+  } else {
+    TORCH_CHECK(out.numel() == Nq, "out must be [Nq]");
+  }
+  check_launch(rbf_launch(q.data_ptr<float>(), k.data_ptr<float>(), q_cls.data_ptr<int64_t>(), kseg.data_ptr<int64_t>(),
+                          wq_p, wk_p, out.data_ptr<float>(), Nq, D, static_cast<float>(gamma), stream));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -115,4 +188,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("psg_linear_dot", &psg_linear_dot, "dots [B, K] of per-sample Linear gradients with V [K, p, d]");
   m.def("cg_update_xr", &cg_update_xr, "fused CG step x += alpha p, r -= alpha Ap; returns r.z per column");
   m.def("cg_update_p", &cg_update_p, "fused CG direction update p = z + beta p");
+  m.def("row_stats", &row_stats, "per (class, segment) [a.b, a.a, b.b, |a-b|^2] of packed gradients");
+  m.def("row_axpby", &row_axpby, "out = c1 a + c2 b per (class, segment): the gradient-distance backward");
+  m.def("segment_mean", &segment_mean, "per-class mean rows of class-grouped embeddings");
+  m.def("segment_mean_bwd", &segment_mean_bwd, "backward of segment_mean");
+  m.def("rbf", &rbf, "within-class RBF kernel row sums, or their gradient with respect to q");
 }

@@ -4,7 +4,8 @@ Each iteration draws a fresh random ConvNet; ``outer_loop`` times it matches, cl
 class, the gradient of the loss on real images with the gradient on the synthetic
 images (differentiable in the images), steps the images by SGD (lr 0.1, momentum 0.5),
 and trains the network ``inner_loop`` steps on the synthetic set. Real-side gradients
-of all classes come from one backward (``fastdd.classwise_grads``).
+of all classes come from one backward (``fastdd.classwise_grads``), and the distance over
+all layers and classes is one fused reduction (:mod:`fastdd.distill.grad_distance`).
 """
 from __future__ import annotations
 
@@ -14,31 +15,26 @@ import torch.nn.functional as F
 from ..grad import classwise_grads
 from ._base import Distiller
 from .augment import DSA
+from .grad_distance import METRICS, SegmentLayout, classwise_grad_distance, pack
 
 LOOPS_BY_IPC = {1: (1, 1), 10: (10, 50), 50: (50, 10)}  # ipc -> (outer_loop, inner_loop), DC paper
 
 
 def match_distance(g_real: dict, g_syn: dict, metric: str = "ours") -> torch.Tensor:
-    """Distance between two sets of layer gradients ``{name: tensor}``.
+    """Distance between two sets of layer gradients ``{name: tensor}`` (one class).
 
     ``"ours"`` (DC): per layer, rows = output channels, sum of ``1 - cos``; bias and
     norm parameters (1-d) are ignored. ``"mse"``: squared error over all of them;
-    ``"cos"``: ``1 - cos`` of the concatenated vectors.
+    ``"cos"``: ``1 - cos`` of the concatenated vectors. The fused op over many classes is
+    :func:`fastdd.distill.grad_distance.classwise_grad_distance`.
     """
+    if metric not in METRICS:
+        raise ValueError(f"metric must be 'ours', 'mse' or 'cos', got {metric!r}")
     names = [n for n in g_real if g_real[n].dim() > 1]
-    if metric == "ours":
-        total = 0
-        for n in names:
-            a, b = g_real[n].reshape(g_real[n].shape[0], -1), g_syn[n].reshape(g_syn[n].shape[0], -1)
-            total = total + (1 - F.cosine_similarity(a, b, dim=1, eps=1e-6)).sum()
-        return total
-    a = torch.cat([g_real[n].flatten() for n in names])
-    b = torch.cat([g_syn[n].flatten() for n in names])
-    if metric == "mse":
-        return (a - b).square().sum()
-    if metric == "cos":
-        return 1 - F.cosine_similarity(a, b, dim=0, eps=1e-6)
-    raise ValueError(f"metric must be 'ours', 'mse' or 'cos', got {metric!r}")
+    layout = SegmentLayout.of_shapes([tuple(g_real[n].shape) for n in names], g_real[names[0]].device)
+    real = pack([g_real[n].unsqueeze(0) for n in names])
+    syn = pack([g_syn[n].unsqueeze(0) for n in names])
+    return classwise_grad_distance(real, syn, layout, metric)[0]
 
 
 class GradientMatching(Distiller):
@@ -55,7 +51,8 @@ class GradientMatching(Distiller):
                  batch_real: int = 256, lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  outer_loop: int | None = None, inner_loop: int | None = None, metric: str = "ours",
                  dsa: DSA | None = None, seed: int = 0):
-        match_distance({"w": torch.ones(1, 1)}, {"w": torch.ones(1, 1)}, metric)  # validates metric
+        if metric not in METRICS:
+            raise ValueError(f"metric must be 'ours', 'mse' or 'cos', got {metric!r}")
         self._setup(X, y, ipc, model, model_options, seed)
         outer, inner = LOOPS_BY_IPC.get(ipc, (10, 10))
         self.outer_loop, self.inner_loop = outer_loop or outer, inner_loop if inner_loop is not None else inner
@@ -68,6 +65,7 @@ class GradientMatching(Distiller):
         names = [n for n, p in net.named_parameters() if p.dim() > 1]  # bias/norm ignored by "ours"
         params = [dict(net.named_parameters())[n] for n in names]
         net_opt = torch.optim.SGD(net.parameters(), lr=self.lr_net)
+        layout = SegmentLayout.of_shapes([tuple(p.shape) for p in params], self.images.device)
         last = 0.0
         for outer in range(self.outer_loop):
             real, real_labels = self._real_batch(self.batch_real)
@@ -75,12 +73,14 @@ class GradientMatching(Distiller):
             if self.dsa is not None:
                 real, syn = self.dsa(real, syn, self.gen)
             g_real = classwise_grads(net, real, real_labels, self.num_classes, params=names)
-            loss = 0
+            g_syn = [[] for _ in names]
             for c in range(self.num_classes):  # synthetic side: differentiable in the images
                 rows = slice(c * self.ipc, (c + 1) * self.ipc)
                 l_syn = F.cross_entropy(net(syn[rows]), self.labels[rows])
-                g_syn = torch.autograd.grad(l_syn, params, create_graph=True)
-                loss = loss + match_distance({n: g_real[n][c] for n in names}, dict(zip(names, g_syn)), self.metric)
+                for layer, g in zip(g_syn, torch.autograd.grad(l_syn, params, create_graph=True)):
+                    layer.append(g)
+            loss = classwise_grad_distance(pack([g_real[n] for n in names]), pack([torch.stack(g) for g in g_syn]),
+                                           layout, self.metric).sum()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite gradient-matching loss at iteration {self.iteration}")
             self.opt.zero_grad()

@@ -4,7 +4,8 @@ Each iteration draws a fresh randomly initialized ConvNet and freezes it; for ev
 class the loss is ``||mean phi(real_c) - mean phi(syn_c)||^2`` (linear-kernel MMD of
 the embeddings) with the same DSA draw on both sides; the synthetic images move by
 SGD (lr 1, momentum 0.5). All classes go through the network in one batch, and the
-per-class means are segment sums, so there is no Python loop over classes.
+per-class MMDs come from one fused op (:func:`fastdd.distill.mmd.class_mmd`: segment sums
+for the linear kernel, fused kernel sums for ``kernel="rbf"``), with no loop over classes.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from ._base import Distiller
 from .augment import DSA
+from .mmd import KERNELS, class_mmd
 
 
 class DistributionMatching(Distiller):
@@ -24,6 +26,8 @@ class DistributionMatching(Distiller):
         batch_real: real images per class per iteration.
         lr_img, momentum: SGD on the synthetic images.
         dsa: a :class:`DSA` (default all families) or None for no augmentation.
+        kernel: ``"linear"`` (DM: distance of the mean embeddings) or ``"rbf"`` (Gaussian-kernel
+            MMD, bandwidth by the median heuristic on each real batch unless ``gamma`` is given).
         init: ``"real"`` (random real samples of each class) or ``"noise"``.
         seed: seeds the initialization, the networks, the batches and the augmentations.
 
@@ -35,9 +39,12 @@ class DistributionMatching(Distiller):
 
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  batch_real: int = 256, lr_img: float = 1.0, momentum: float = 0.5, dsa: DSA | None = DSA(),
-                 init: str = "real", seed: int = 0):
+                 init: str = "real", kernel: str = "linear", gamma: float | None = None, seed: int = 0):
         if init not in ("real", "noise"):
             raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel, self.gamma = kernel, gamma
         self._setup(X, y, ipc, model, model_options, seed)
         self.batch_real, self.dsa = batch_real, dsa
         if init == "real":
@@ -62,11 +69,9 @@ class DistributionMatching(Distiller):
         with torch.no_grad():
             f_real = embed(real)
         f_syn = embed(syn)
-        C, D = self.num_classes, f_syn.shape[1]
-        mean_real = torch.zeros(C, D, device=f_real.device).index_add_(0, real_labels, f_real)
-        mean_real /= torch.bincount(real_labels, minlength=C).clamp_min(1).unsqueeze(1)
-        mean_syn = torch.zeros(C, D, device=f_syn.device).index_add(0, self.labels, f_syn) / self.ipc
-        loss = (mean_real - mean_syn).square().sum()
+        real_counts = torch.bincount(real_labels, minlength=self.num_classes)  # rows come grouped by class
+        syn_counts = torch.full((self.num_classes,), self.ipc)
+        loss = class_mmd(f_real, real_counts, f_syn, syn_counts, self.kernel, self.gamma).sum()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite DM loss at iteration {self.iteration}; the images are left as "
                                      "they were before this step")
