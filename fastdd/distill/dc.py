@@ -60,6 +60,23 @@ class GradientMatching(Distiller):
         self.images = self._real_images()
         self.opt = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
 
+    def _real_grads(self, net, names, params, real, labels) -> torch.Tensor:
+        """Packed ``[C, P]`` mean gradient of each class's real images (no graph kept).
+
+        On a GPU one backward through the whole batch (``classwise_grads``); on a CPU a
+        backward per class, whose batches stay in cache (see ``_class_slices``).
+        """
+        slices = self._class_slices(labels)
+        if len(slices) == 1:
+            g = classwise_grads(net, real, labels, self.num_classes, params=names)
+            return pack([g[n] for n in names])
+        out = torch.zeros(self.num_classes, sum(p.numel() for p in params), device=real.device)
+        for rows in slices:
+            c = int(labels[rows.start])
+            grads = torch.autograd.grad(F.cross_entropy(net(real[rows]), labels[rows]), params)
+            out[c] = torch.cat([g.flatten() for g in grads])
+        return out
+
     def step(self) -> float:
         net = self._fresh_net()
         names = [n for n, p in net.named_parameters() if p.dim() > 1]  # bias/norm ignored by "ours"
@@ -72,15 +89,14 @@ class GradientMatching(Distiller):
             syn = self.images
             if self.dsa is not None:
                 real, syn = self.dsa(real, syn, self.gen)
-            g_real = classwise_grads(net, real, real_labels, self.num_classes, params=names)
+            g_real = self._real_grads(net, names, params, real, real_labels)
             g_syn = [[] for _ in names]
             for c in range(self.num_classes):  # synthetic side: differentiable in the images
                 rows = slice(c * self.ipc, (c + 1) * self.ipc)
                 l_syn = F.cross_entropy(net(syn[rows]), self.labels[rows])
                 for layer, g in zip(g_syn, torch.autograd.grad(l_syn, params, create_graph=True)):
                     layer.append(g)
-            loss = classwise_grad_distance(pack([g_real[n] for n in names]), pack([torch.stack(g) for g in g_syn]),
-                                           layout, self.metric).sum()
+            loss = classwise_grad_distance(g_real, pack([torch.stack(g) for g in g_syn]), layout, self.metric).sum()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite gradient-matching loss at iteration {self.iteration}")
             self.opt.zero_grad()

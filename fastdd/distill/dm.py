@@ -67,7 +67,7 @@ class DistributionMatching(Distiller):
         if self.dsa is not None:
             real, syn = self.dsa(real, syn, self.gen)  # one draw for both sides
         with torch.no_grad():
-            f_real = embed(real)
+            f_real = torch.cat([embed(real[rows]) for rows in self._class_slices(real_labels)])
         f_syn = embed(syn)
         real_counts = torch.bincount(real_labels, minlength=self.num_classes)  # rows come grouped by class
         syn_counts = torch.full((self.num_classes,), self.ipc)

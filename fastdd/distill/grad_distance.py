@@ -31,25 +31,28 @@ class SegmentLayout:
 
     offsets: torch.Tensor  # [R] int64
     lengths: torch.Tensor  # [R] int64
-    segment_ids: torch.Tensor  # [P] int64: the segment of each packed element (torch path)
     size: int  # P
     max_len: int
+    # per layer (first element, first segment, segments, segment length): the torch path
+    # reduces each layer as a [C, segments, length] view
+    layers: tuple
 
     @staticmethod
     def of_shapes(shapes: list[tuple[int, ...]], device) -> "SegmentLayout":
         """Segments for layers of the given per-class shapes ``(out_channels, *rest)``."""
-        lengths = []
+        lengths, layers, start = [], [], 0
         for shape in shapes:
             if len(shape) < 2:
                 raise ValueError(f"matched layers need at least 2 dims (out_channels, ...), got shape {shape}")
             row = 1
             for s in shape[1:]:
                 row *= int(s)
+            layers.append((start, len(lengths), int(shape[0]), row))
+            start += row * int(shape[0])
             lengths += [row] * int(shape[0])
         lengths_t = torch.tensor(lengths, dtype=torch.int64, device=device)
         offsets = torch.cumsum(lengths_t, 0) - lengths_t
-        ids = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
-        return SegmentLayout(offsets, lengths_t, ids, int(lengths_t.sum()), max(lengths))
+        return SegmentLayout(offsets, lengths_t, int(lengths_t.sum()), max(lengths), tuple(layers))
 
 
 def pack(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -61,16 +64,25 @@ def pack(grads: list[torch.Tensor]) -> torch.Tensor:
 def row_stats_ref(a: torch.Tensor, b: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
     """``[C, R, 4]`` fp32: per (class, segment) ``[a.b, a.a, b.b, |a - b|^2]``."""
     a, b = a.float(), b.float()
-    d = a - b
-    prods = torch.stack([a * b, a * a, b * b, d * d], dim=-1)  # [C, P, 4]
-    out = torch.zeros(a.shape[0], layout.offsets.numel(), 4, dtype=torch.float32, device=a.device)
-    return out.index_add_(1, layout.segment_ids, prods)
+    C = a.shape[0]
+    out = []
+    for start, _, rows, length in layout.layers:
+        x = a[:, start:start + rows * length].view(C, rows, length)
+        y = b[:, start:start + rows * length].view(C, rows, length)
+        out.append(torch.stack([(x * y).sum(-1), x.square().sum(-1), y.square().sum(-1), (x - y).square().sum(-1)],
+                               dim=-1))
+    return torch.cat(out, dim=1)
 
 
 def row_axpby_ref(a, b, c1, c2, layout: SegmentLayout) -> torch.Tensor:
     """``c1[c, seg] a + c2[c, seg] b`` elementwise over each segment."""
-    ids = layout.segment_ids
-    return (c1[:, ids] * a.float() + c2[:, ids] * b.float()).to(a.dtype)
+    C = a.shape[0]
+    out = []
+    for start, first, rows, length in layout.layers:
+        x = a[:, start:start + rows * length].view(C, rows, length).float()
+        y = b[:, start:start + rows * length].view(C, rows, length).float()
+        out.append((c1[:, first:first + rows, None] * x + c2[:, first:first + rows, None] * y).reshape(C, -1))
+    return torch.cat(out, dim=1).to(a.dtype)
 
 
 # --------------------------------------------------------------------------- dispatch

@@ -1,0 +1,202 @@
+"""Distillation: time per iteration and peak memory of fastdd's DC and DM against a
+per-class-loop implementation of the same method (the structure of the reference code),
+and MTT's peak memory against the number of unrolled student steps.
+
+Digits (8x8), ipc 10, ConvNet width 64 / depth 2 (the demo's), 256 real images per class.
+The per-class-loop references, like the DC/DSA/DM code: for each class, the real batch
+through the network (DC: gradients of all parameters; DM: embeddings under autograd, then
+detached), the synthetic batch likewise, the distance layer by layer in Python; DC's
+inner loop (training the network on the synthetic set) is the same in both. Timings
+alternate fastdd and reference iterations in one process (median and min); peak memory
+(VmHWM above the RSS after set-up) comes from a process per method.
+
+On a GPU (``--device cuda``) the same comparison runs there, with CUDA-synchronized timings and
+peak memory from ``torch.cuda.max_memory_allocated``.
+
+    python bench/bench_distill.py [--threads 2] [--iters 6] [--device cpu|cuda] [--out results/bench_distill.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+from _report import write_report
+
+OPTS = dict(width=64, depth=2)
+IPC = 10
+
+
+def _rss_kb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+# --------------------------------------------------------------------------- references
+def dc_reference_step(engine):
+    """DC's per-class loop (Zhao et al. 2021 code structure) on ``engine``'s state."""
+    import torch
+    import torch.nn.functional as F
+
+    net = engine._fresh_net()
+    params = list(net.parameters())
+    net_opt = torch.optim.SGD(net.parameters(), lr=engine.lr_net)
+    for outer in range(engine.outer_loop):
+        loss = 0
+        for c in range(engine.num_classes):
+            rows = engine.by_class[c]
+            idx = rows[torch.randint(len(rows), (min(engine.batch_real, len(rows)),), generator=engine.gen)]
+            img_real, lab_real = engine.X[idx], engine.y[idx]
+            img_syn = engine.images[c * engine.ipc:(c + 1) * engine.ipc]
+            lab_syn = engine.labels[c * engine.ipc:(c + 1) * engine.ipc]
+            gw_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)]
+            gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab_syn), params, create_graph=True)
+            for gr, gs in zip(gw_real, gw_syn):  # "ours", layer by layer; bias skipped
+                if gr.dim() == 1:
+                    continue
+                gr, gs = gr.reshape(gr.shape[0], -1), gs.reshape(gs.shape[0], -1)
+                loss = loss + (1 - (gr * gs).sum(-1) / (gr.norm(dim=-1) * gs.norm(dim=-1) + 1e-6)).sum()
+        engine.opt.zero_grad()
+        loss.backward()
+        engine.opt.step()
+        if outer == engine.outer_loop - 1:
+            break
+        for _ in range(engine.inner_loop):
+            net_opt.zero_grad()
+            F.cross_entropy(net(engine.images.detach()), engine.labels).backward()
+            net_opt.step()
+
+
+def dm_reference_step(engine):
+    """DM's per-class loop (Zhao & Bilen 2023 code structure): one DSA draw per class."""
+    import torch
+
+    embed = engine._embedder()
+    loss = 0
+    for c in range(engine.num_classes):
+        rows = engine.by_class[c]
+        idx = rows[torch.randint(len(rows), (min(engine.batch_real, len(rows)),), generator=engine.gen)]
+        img_real, img_syn = engine.X[idx], engine.images[c * engine.ipc:(c + 1) * engine.ipc]
+        if engine.dsa is not None:
+            img_real, img_syn = engine.dsa(img_real, img_syn, engine.gen)
+        out_real = embed(img_real).detach()
+        out_syn = embed(img_syn)
+        loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
+    engine.opt.zero_grad()
+    loss.backward()
+    engine.opt.step()
+
+
+# --------------------------------------------------------------------------- child side
+def _engine(method, syn_steps=10, device="cpu"):
+    import torch
+
+    from fastdd.data import load_digits
+    from fastdd.distill import DistributionMatching, GradientMatching, TrajectoryMatching, train_experts
+
+    d = load_digits()
+    X, y = d.X_train.to(device), d.y_train.to(device)
+    if method == "dc":
+        return GradientMatching(X, y, IPC, model_options=OPTS, seed=0)
+    if method == "dm":
+        return DistributionMatching(X, y, IPC, model_options=OPTS, seed=0)
+    experts = train_experts(X, y, n_experts=1, epochs=4, model_options=OPTS, batch_size=256, seed=0)
+    torch.manual_seed(0)
+    return TrajectoryMatching(X, y, IPC, experts, model_options=OPTS, syn_steps=syn_steps, expert_epochs=2,
+                              max_start_epoch=2, seed=0)
+
+
+def child(method, impl, what, iters, syn_steps, device):
+    import torch
+
+    cuda = device == "cuda"
+    eng = _engine(method, syn_steps, device)
+    steps = {"fastdd": eng.step, "reference": {"dc": dc_reference_step, "dm": dm_reference_step}.get(method)}
+    if what == "memory":
+        fn = steps[impl] if impl == "fastdd" else (lambda: steps[impl](eng))
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            print(json.dumps({"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}))
+            return
+        base = _rss_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        fn()
+        print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
+        return
+    fns = {"fastdd": eng.step, "reference": lambda: steps["reference"](eng)}
+    for f in fns.values():  # warm-up
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(iters):
+        for k, f in fns.items():
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            f()
+            if cuda:
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    print(json.dumps(times))
+
+
+def run_child(args, *child_args):
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device,
+           "--child", *map(str, child_args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=6, help="timed iterations per implementation")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", nargs=5, metavar=("METHOD", "IMPL", "WHAT", "ITERS", "SYN_STEPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.child:
+        method, impl, what, iters, syn_steps = args.child
+        return child(method, impl, what, int(iters), int(syn_steps), args.device)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} CPU threads"
+    lines = [f"# Distillation per iteration, digits ipc {IPC}, ConvNet width 64 depth 2 ({where}, "
+             f"torch {torch.__version__})", "",
+             "| method | implementation | s/iter (median) | s/iter (min) | peak MB | speed-up (median) |",
+             "|---|---|---|---|---|---|"]
+    for method in ("dc", "dm"):
+        times = run_child(args, method, "both", "time", args.iters, 0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for impl in ("reference", "fastdd"):
+            mem = run_child(args, method, impl, "memory", 1, 0)["peak_mb"]
+            label = "per-class loop" if impl == "reference" else "fastdd"
+            lines.append(f"| {method.upper()} | {label} | {med[impl]:.3f} | {min(times[impl]):.3f} | {mem:.0f} | "
+                         f"{med['reference'] / med[impl]:.2f}x |")
+        print("\n".join(lines[-2:]), flush=True)
+    lines += ["", "| MTT syn_steps | peak MB of one iteration |", "|---|---|"]
+    for n in (5, 10, 20, 40):
+        mem = run_child(args, "mtt", "fastdd", "memory", 1, n)["peak_mb"]
+        lines.append(f"| {n} | {mem:.0f} |")
+        print(lines[-1], flush=True)
+    print("\n".join(lines))
+    write_report(args.out, lines)
+
+
+if __name__ == "__main__":
+    main()
