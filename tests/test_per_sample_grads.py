@@ -346,6 +346,9 @@ def test_engine_on_gpu(monkeypatch, backend, net):
         if _ext.load() is None:
             pytest.skip("CUDA extension unavailable")
     monkeypatch.setenv("FASTDD_BACKEND", backend)
+    # cuDNN convolutions default to TF32 (1e-3 relative error) in vmap and in the engine alike
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     if net == "mlp":
         model, x = MLP(64, 10, hidden=(128, 64)), torch.randn(48, 64)
