@@ -43,5 +43,6 @@ setup(
         "cuda": ["ninja"],
     },
     ext_modules=ext_modules,
+    entry_points={"console_scripts": ["fastdd = fastdd.cli:main"]},
     cmdclass=cmdclass,
 )

@@ -1,4 +1,5 @@
 """Data: scikit-learn's bundled digits (no download) and synthetic generators."""
-from .digits import load_digits, make_blobs_images
+from .digits import Split, load_digits, make_blobs_images, stratified_split
+from .files import DataFileError, load_data_file
 
-__all__ = ["load_digits", "make_blobs_images"]
+__all__ = ["DataFileError", "Split", "load_data_file", "load_digits", "make_blobs_images", "stratified_split"]

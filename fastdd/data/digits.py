@@ -30,7 +30,14 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
     bunch = sk_load_digits()
     X = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1)
     y = torch.tensor(bunch.target, dtype=torch.int64)
-    # stratified split: shuffle each class with a fixed generator, send a fraction to test
+    tr, te = stratified_split(y, test_fraction, seed)
+    mean, std = X[tr].mean(), X[tr].std()
+    X = (X - mean) / std
+    return Split(X[tr], y[tr], X[te], y[te])
+
+
+def stratified_split(y: torch.Tensor, test_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted train and test indices: each class shuffled by a fixed generator, a fraction to test."""
     gen = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []
     for c in torch.unique(y):
@@ -39,10 +46,7 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
         n_test = int(round(len(idx) * test_fraction))
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
-    tr, te = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
-    mean, std = X[tr].mean(), X[tr].std()
-    X = (X - mean) / std
-    return Split(X[tr], y[tr], X[te], y[te])
+    return torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
 
 
 def make_blobs_images(n: int, num_classes: int = 10, channels: int = 1, size: int = 8, noise: float = 1.0,

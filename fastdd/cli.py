@@ -1,0 +1,295 @@
+"""The ``fastdd`` command line: ``distill``, ``value``, ``prune``, ``bench`` and ``demo``.
+
+Every subcommand reads the bundled digits unless ``--data PATH`` names a ``.npz`` / ``.pt``
+file with arrays ``X`` and ``y`` (see :mod:`fastdd.data.files`), writes what it makes to
+the file given by ``--out``, and takes ``--seed``. Long runs show progress bars; ``distill``
+and ``value --method tmc`` checkpoint and continue with ``--resume``. Mistakes a person can
+fix (a missing file, a wrong format, an option out of range) end with a one-line message
+and exit status 2, without a traceback.
+
+    fastdd distill --method dm --ipc 10 --out syn.pt
+    fastdd value --method knn --out values.csv
+    fastdd prune --keep 0.5 --out kept.npy
+    python -m fastdd demo --only distillation
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A problem with the user's input: reported in one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------- shared pieces
+def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--data", default=None, metavar="PATH",
+                   help="a .npz or .pt file with arrays X and y (optional X_test, y_test); default: the bundled digits")
+    p.add_argument("--out", required=True, metavar="PATH", help=out_help)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _load(args):
+    import torch
+
+    from .data import DataFileError, load_data_file, load_digits
+
+    torch.manual_seed(args.seed)
+    if args.data is None:
+        try:
+            return load_digits(seed=args.seed)
+        except ImportError as exc:
+            raise UsageError(f"{exc} (or pass your own --data)") from exc
+    try:
+        return load_data_file(args.data, seed=args.seed)
+    except DataFileError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _out_dir(path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--out {path}: the folder {folder} does not exist")
+
+
+def _images(X, what: str):
+    if X.dim() != 4:
+        raise UsageError(f"{what} needs images [N, C, H, W]; the data has shape {tuple(X.shape)}")
+    return X
+
+
+# --------------------------------------------------------------------------- distill
+def cmd_distill(args) -> None:
+    from .distill import distill, evaluate
+
+    _out_dir(args.out)
+    data = _load(args)
+    X = _images(data.X_train, "distill")
+    options = {"model_options": {"width": args.width, "depth": args.depth} if args.model == "convnet" else {}}
+    if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
+        raise UsageError(f"--checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint PATH")
+    try:
+        syn = distill(X, data.y_train, args.method, args.ipc, model=args.model, iterations=args.iterations,
+                      seed=args.seed, checkpoint=args.checkpoint, progress=not args.no_progress, **options)
+    except ValueError as exc:  # ipc larger than a class, image size the model cannot take, ...
+        raise UsageError(str(exc)) from exc
+    syn.save(args.out)
+    print(f"wrote {len(syn.images)} synthetic images ({args.ipc} per class, {args.method}) to {args.out}")
+    if args.evaluate:
+        mean, std = evaluate(syn.images, syn.labels, data.X_test, data.y_test, model=args.model,
+                             n_models=args.evaluate, seed=args.seed, model_options=options["model_options"])
+        print(f"test accuracy of {args.evaluate} fresh {args.model}s trained on it: {100 * mean:.1f} ± {100 * std:.1f}%")
+
+
+# --------------------------------------------------------------------------- value
+def _save_scores(path: str, scores, header: str) -> None:
+    import numpy as np
+
+    values = scores.detach().cpu().double().numpy()
+    if path.endswith(".csv"):
+        np.savetxt(path, np.column_stack([np.arange(len(values)), values]), delimiter=",",
+                   header=f"index,{header}", comments="", fmt=["%d", "%.10g"])
+    elif path.endswith(".npy"):
+        np.save(path, values)
+    else:
+        raise UsageError(f"--out {path}: write scores to a .npy or .csv file")
+
+
+def cmd_value(args) -> None:
+    import torch
+
+    from .valuation import InfluenceFunction, KNNUtility, ModelUtility, knn_shapley, tmc_shapley
+
+    if not args.out.endswith((".npy", ".csv")):
+        raise UsageError(f"--out {args.out}: write scores to a .npy or .csv file")
+    _out_dir(args.out)
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint PATH")
+    if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
+        raise UsageError(f"--checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
+    data = _load(args)
+    Xtr, Xte = data.X_train.flatten(1), data.X_test.flatten(1)
+    try:
+        if args.method == "knn":
+            scores = knn_shapley(Xtr, data.y_train, Xte, data.y_test, k=args.k)
+        elif args.method == "tmc":
+            utility = KNNUtility(Xtr, data.y_train, Xte, data.y_test, k=args.k) if args.utility == "knn" else \
+                ModelUtility(Xtr, data.y_train, Xte, data.y_test)
+            scores = tmc_shapley(utility, len(Xtr), max_permutations=args.permutations, seed=args.seed,
+                                 checkpoint=args.checkpoint, progress=not args.no_progress).values
+        else:  # influence of each training point on the test loss of a logistic-regression model
+            from .train import train_model
+
+            num_classes = int(data.y_train.max()) + 1
+            model = torch.nn.Linear(Xtr.shape[1], num_classes)
+            train_model(model, Xtr, data.y_train, epochs=args.epochs, lr=0.1, weight_decay=1e-3, seed=args.seed)
+            influence = InfluenceFunction(model.eval(), damping=1e-3).fit(Xtr, data.y_train)
+            # value = how much a point lowers the test loss (-I_up,loss summed over the test set);
+            # self-influence is large for points the model cannot explain (e.g. mislabelled)
+            scores = influence.self_influence() if args.influence == "self" else \
+                -influence.scores(Xte, data.y_test).sum(1)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    if args.method == "influence" and args.influence == "self":
+        _save_scores(args.out, scores, "self_influence")
+        top = torch.argsort(scores, descending=True)[:5].tolist()
+        print(f"wrote {len(scores)} self-influence scores to {args.out}; most suspicious training points: {top}")
+        return
+    _save_scores(args.out, scores, f"{args.method}_value")
+    top = torch.argsort(scores)[:5].tolist()
+    print(f"wrote {len(scores)} {args.method} values to {args.out}; lowest-valued training points: {top}")
+
+
+# --------------------------------------------------------------------------- prune
+def cmd_prune(args) -> None:
+    import numpy as np
+
+    from .pruning import el2n_scores, prototype_scores, recommend_keep, select, self_supervised_embeddings
+
+    if not args.out.endswith((".npy", ".csv", ".txt")):
+        raise UsageError(f"--out {args.out}: write indices to a .npy, .csv or .txt file")
+    if not 0.0 < args.keep <= 1.0:
+        raise UsageError(f"--keep must be a fraction in (0, 1], got {args.keep}")
+    _out_dir(args.out)
+    data = _load(args)
+    X, y = data.X_train, data.y_train
+    num_classes = int(y.max()) + 1
+    try:
+        if args.score == "prototypes":
+            emb = self_supervised_embeddings(_images(X, "--score prototypes"), epochs=args.epochs, seed=args.seed,
+                                             progress=not args.no_progress) if X.dim() == 4 else X
+            scores = prototype_scores(emb, n_clusters=args.clusters or num_classes, seed=args.seed)
+        else:
+            from .models import get_model
+
+            if X.dim() == 4:
+                model_fn = lambda: get_model("convnet", X.shape[1], num_classes, X.shape[-1], width=32, depth=2)  # noqa: E731
+            else:
+                model_fn = lambda: get_model("mlp", X.shape[1], num_classes, 1, hidden=(128,))  # noqa: E731
+            scores = el2n_scores(model_fn, X, y, epochs=min(args.epochs, 10), n_runs=3, seed=args.seed)
+        keep = args.policy
+        if keep == "auto":
+            keep = recommend_keep(len(y), args.keep, num_classes).keep
+        kept = select(scores, args.keep, keep=keep, labels=y, seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    idx = kept.cpu().numpy().astype(np.int64)
+    if args.out.endswith(".npy"):
+        np.save(args.out, idx)
+    else:
+        np.savetxt(args.out, idx, fmt="%d")
+    print(f"kept {len(idx)} of {len(y)} training points ({keep} examples by {args.score}); indices in {args.out}")
+
+
+# --------------------------------------------------------------------------- bench, demo
+BENCHES = ("per_sample", "kernels", "distill", "pruning", "valuation")
+
+
+def _bench_dir() -> str:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folder = os.path.join(here, "bench")
+    if not os.path.isfile(os.path.join(folder, "bench_per_sample.py")):
+        raise UsageError("the benchmarks live in the source repository's bench/ folder, which this install lacks: "
+                         "run fastdd bench from a git checkout (pip install -e .)")
+    return folder
+
+
+def cmd_bench(args, extra: list[str]) -> int:
+    folder = _bench_dir()
+    status = 0
+    for name in BENCHES if args.which == "all" else [args.which]:
+        script = os.path.join(folder, f"bench_{name}.py")
+        print(f"$ python {os.path.relpath(script)} {' '.join(extra)}", flush=True)
+        status = subprocess.call([sys.executable, script, *extra]) or status
+    return status
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    ap = argparse.ArgumentParser(prog="fastdd", description="Data valuation, pruning and dataset distillation.",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="Each subcommand has its own --help.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{distill,value,prune,bench,demo}")
+
+    p = sub.add_parser("distill", help="shrink the data to a few synthetic images per class", formatter_class=fmt)
+    _add_common(p, "file for the synthetic set (torch; load with fastdd.distill.SyntheticSet.load)")
+    p.add_argument("--method", choices=["dd", "dc", "dsa", "dm", "mtt"], default="dm", help="distillation method")
+    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
+    p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's, 200)")
+    p.add_argument("--model", default="convnet", choices=["convnet", "mlp", "lenet"], help="network")
+    p.add_argument("--width", type=int, default=64, help="ConvNet width")
+    p.add_argument("--depth", type=int, default=2, help="ConvNet depth")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="save progress here every 20 iterations")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
+    p.add_argument("--evaluate", type=int, default=0, metavar="N",
+                   help="then train N fresh models on the synthetic set and report test accuracy (0: skip)")
+
+    p = sub.add_parser("value", help="how much each training point is worth", formatter_class=fmt)
+    _add_common(p, "file for the values, one per training point (.npy or .csv)")
+    p.add_argument("--method", choices=["knn", "tmc", "influence"], default="knn",
+                   help="knn: exact KNN-Shapley; tmc: Truncated Monte Carlo Shapley; influence: influence functions")
+    p.add_argument("--k", type=int, default=5, help="neighbours of the KNN utility (knn, tmc)")
+    p.add_argument("--utility", choices=["knn", "logreg"], default="knn", help="utility for tmc")
+    p.add_argument("--permutations", type=int, default=100, help="most permutations for tmc")
+    p.add_argument("--influence", choices=["test", "self"], default="test",
+                   help="influence: summed over the test set, or self-influence")
+    p.add_argument("--epochs", type=int, default=100, help="training epochs of the influence model")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="tmc: save progress here")
+    p.add_argument("--resume", action="store_true", help="tmc: continue the run saved in --checkpoint")
+
+    p = sub.add_parser("prune", help="choose which training points to keep", formatter_class=fmt)
+    _add_common(p, "file for the kept indices (.npy, .csv or .txt)")
+    p.add_argument("--keep", type=float, default=0.5, help="fraction of the training set to keep")
+    p.add_argument("--score", choices=["prototypes", "el2n"], default="prototypes",
+                   help="prototypes: self-supervised k-means distance (no labels); el2n: error norm of trained models")
+    p.add_argument("--policy", choices=["auto", "easy", "hard"], default="auto",
+                   help="keep easy or hard examples; auto follows Sorscher et al. (hard when data is abundant)")
+    p.add_argument("--clusters", type=int, default=0, help="k-means clusters (0: the number of classes)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs of the embedding / scoring models")
+
+    p = sub.add_parser("bench", help="run a benchmark from the source tree's bench/ (extra options pass through)",
+                       formatter_class=fmt)
+    p.add_argument("which", choices=[*BENCHES, "all"], help="which benchmark")
+
+    sub.add_parser("demo", help="the whole demo on digits; writes results/README.md (options: fastdd demo --help)",
+                   add_help=False)
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        from . import demo
+
+        demo.main(argv[1:])
+        return 0
+    parser = build_parser()
+    extra: list[str] = []
+    if argv[:1] == ["bench"]:
+        args, extra = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
+    try:
+        if args.command == "bench":
+            return cmd_bench(args, extra)
+        {"distill": cmd_distill, "value": cmd_value, "prune": cmd_prune}[args.command](args)
+    except UsageError as exc:
+        print(f"fastdd {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fastdd {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
