@@ -25,18 +25,10 @@ import subprocess
 import sys
 import time
 
-from _report import write_report
+from _report import reset_peak_rss, rss_kb, write_report
 
 OPTS = dict(width=64, depth=2)
 IPC = 10
-
-
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
 
 
 # --------------------------------------------------------------------------- references
@@ -129,11 +121,10 @@ def child(method, impl, what, iters, syn_steps, device):
             torch.cuda.synchronize()
             print(json.dumps({"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20}))
             return
-        base = _rss_kb("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        base = rss_kb("VmRSS")
+        reset_peak_rss()
         fn()
-        print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
+        print(json.dumps({"peak_mb": (rss_kb("VmHWM") - base) / 1024}))
         return
     fns = {"fastdd": eng.step, "reference": lambda: steps["reference"](eng)}
     for f in fns.values():  # warm-up

@@ -13,24 +13,17 @@ import os
 
 import torch
 
-from _report import write_report
+from _report import cuda_median_seconds, write_report
 
 
 def timed(fn, repeat=20):
+    """(median ms, peak MiB above what was allocated before)."""
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return sorted(times)[len(times) // 2], peak
+    ms = cuda_median_seconds(fn, repeat) * 1e3
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main():

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from _report import write_report
+from _report import cuda_median_seconds, write_report
 
 SHAPES_GPU = [(256, 1, 784, 512), (32, 128, 512, 512), (64, 256, 1024, 1024), (512, 16, 256, 256)]
 SHAPES_CPU = [(256, 1, 784, 512), (32, 128, 512, 512)]
@@ -23,18 +23,9 @@ K = 8
 
 
 def timeit(fn, device, repeat=20):
-    fn()
     if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(repeat):
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
+        return cuda_median_seconds(fn, repeat)
+    fn()
     times = []
     for _ in range(max(3, repeat // 4)):
         t0 = time.perf_counter()

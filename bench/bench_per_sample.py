@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from _report import write_report
+from _report import reset_peak_rss, rss_kb, write_report
 
 WORKLOADS = {
     "mlp": "MLP 784-512-256-10, B=256",
@@ -52,22 +52,6 @@ PLAN = [
 
 
 # --------------------------------------------------------------------------- child side
-def _rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    return 0
-
-
-def _reset_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def _build(workload):
     import torch
     from torch import nn
@@ -220,10 +204,10 @@ def child(workload, consumer, methods, threads, repeat, what):
         fn()  # warm-up (and first-touch of reused buffers)
     if what == "memory":
         (fn,) = fns.values()
-        base = _rss_kb("VmRSS")
-        _reset_peak()
+        base = rss_kb("VmRSS")
+        reset_peak_rss()
         res = fn()
-        print(json.dumps({"peak_mb": (_rss_kb("VmHWM") - base) / 1024}))
+        print(json.dumps({"peak_mb": (rss_kb("VmHWM") - base) / 1024}))
         return
     times = {m: [] for m in names}
     for _ in range(repeat):

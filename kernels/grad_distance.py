@@ -17,6 +17,17 @@ from ._triton import tl, triton
 
 
 @triton.jit
+def _segment(off_ptr, len_ptr, P, R):
+    """This program's (segment, class): the segment's length, its start in the flat [C, P]
+    arrays, and the class's row of per-segment values."""
+    r = tl.program_id(0)
+    c = tl.program_id(1)
+    n = tl.load(len_ptr + r)
+    base = c.to(tl.int64) * P + tl.load(off_ptr + r)
+    return n, base, c.to(tl.int64) * R + r
+
+
+@triton.jit
 def row_stats_kernel(
     a_ptr, b_ptr,  # [C, P] contiguous: real-side and synthetic-side gradients
     out_ptr,  # [C, R, 4] fp32
@@ -24,11 +35,7 @@ def row_stats_kernel(
     P, R,
     BLOCK: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    start = tl.load(off_ptr + r)
-    n = tl.load(len_ptr + r)
-    base = c.to(tl.int64) * P + start
+    n, base, cr = _segment(off_ptr, len_ptr, P, R)
     acc_ab = tl.zeros([BLOCK], dtype=tl.float32)
     acc_aa = tl.zeros([BLOCK], dtype=tl.float32)
     acc_bb = tl.zeros([BLOCK], dtype=tl.float32)
@@ -43,7 +50,7 @@ def row_stats_kernel(
         acc_aa += b_a * b_a
         acc_bb += b_b * b_b
         acc_dd += b_d * b_d
-    out = out_ptr + (c.to(tl.int64) * R + r) * 4
+    out = out_ptr + cr * 4
     tl.store(out, tl.sum(acc_ab, axis=0))
     tl.store(out + 1, tl.sum(acc_aa, axis=0))
     tl.store(out + 2, tl.sum(acc_bb, axis=0))
@@ -59,13 +66,9 @@ def row_axpby_kernel(
     P, R,
     BLOCK: tl.constexpr,
 ):
-    r = tl.program_id(0)
-    c = tl.program_id(1)
-    start = tl.load(off_ptr + r)
-    n = tl.load(len_ptr + r)
-    base = c.to(tl.int64) * P + start
-    k1 = tl.load(c1_ptr + c * R + r)
-    k2 = tl.load(c2_ptr + c * R + r)
+    n, base, cr = _segment(off_ptr, len_ptr, P, R)
+    k1 = tl.load(c1_ptr + cr)
+    k2 = tl.load(c2_ptr + cr)
     for k in range(0, n, BLOCK):
         o = k + tl.arange(0, BLOCK)
         m = o < n

@@ -76,6 +76,17 @@ def _sq_dist_tile(q_ptr, k_ptr, o_q, o_k, m_q, m_k, D, BLOCK_D: tl.constexpr, BL
 
 
 @triton.jit
+def _class_block(qseg_ptr, kseg_ptr, BLOCK_Q: tl.constexpr):
+    """This program's block of query rows of its class (axis 0) and that class's key range."""
+    c = tl.program_id(0)
+    q_hi = tl.load(qseg_ptr + c + 1)
+    first = tl.load(qseg_ptr + c) + tl.program_id(1) * BLOCK_Q
+    o_q = first + tl.arange(0, BLOCK_Q)
+    # the grid covers the largest class: blocks past this class's end do nothing
+    return o_q, o_q < q_hi, first < q_hi, tl.load(kseg_ptr + c), tl.load(kseg_ptr + c + 1)
+
+
+@triton.jit
 def rbf_row_sums_kernel(
     q_ptr, k_ptr,  # [Nq, D], [Nk, D] contiguous
     qseg_ptr, kseg_ptr,  # [C + 1] int64 class segments of q and k
@@ -83,14 +94,8 @@ def rbf_row_sums_kernel(
     D, gamma,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    q_lo = tl.load(qseg_ptr + c)
-    q_hi = tl.load(qseg_ptr + c + 1)
-    k_lo = tl.load(kseg_ptr + c)
-    k_hi = tl.load(kseg_ptr + c + 1)
-    o_q = q_lo + tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    m_q = o_q < q_hi
-    if q_lo + tl.program_id(1) * BLOCK_Q < q_hi:  # grid covers the largest class
+    o_q, m_q, active, k_lo, k_hi = _class_block(qseg_ptr, kseg_ptr, BLOCK_Q)
+    if active:
         acc = tl.zeros([BLOCK_Q], dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
             o_k = k0 + tl.arange(0, BLOCK_K)
@@ -110,16 +115,10 @@ def rbf_grad_q_kernel(
     D, gamma,
     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    c = tl.program_id(0)
-    q_lo = tl.load(qseg_ptr + c)
-    q_hi = tl.load(qseg_ptr + c + 1)
-    k_lo = tl.load(kseg_ptr + c)
-    k_hi = tl.load(kseg_ptr + c + 1)
-    o_q = q_lo + tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    m_q = o_q < q_hi
+    o_q, m_q, active, k_lo, k_hi = _class_block(qseg_ptr, kseg_ptr, BLOCK_Q)
     o_e = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)  # this program's output columns
     m_e = o_e < D
-    if q_lo + tl.program_id(1) * BLOCK_Q < q_hi:
+    if active:
         w_q = tl.load(wq_ptr + o_q, mask=m_q, other=0.0)
         row = tl.zeros([BLOCK_Q], dtype=tl.float32)
         acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
