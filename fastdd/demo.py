@@ -273,6 +273,24 @@ def save_image_grid(path, images, labels, title):
     plt.close(fig)
 
 
+def cost_table(X, y, epochs: int, model_options: dict) -> list[str]:
+    """Training compute of each set size: #data x #epochs x counted forward+backward FLOPs per sample."""
+    from fastdd.cost import flops_per_sample, format_flops, training_flops
+    from fastdd.models import get_model
+
+    num_classes = int(y.max()) + 1
+    net = get_model("convnet", X.shape[1], num_classes, X.shape[-1], **model_options)
+    per_sample = flops_per_sample(net, X[0])
+    full = training_flops(len(y), epochs, per_sample)
+    lines = ["", f"Training compute of each set: #data x {epochs} epochs x {format_flops(per_sample)} per sample "
+             "(forward + backward, counted by `torch.utils.flop_counter`; the cost of distilling is not included):",
+             "", "| set | images | training compute | of the full data |", "|---|---|---|---|"]
+    for name, n in (("full data", len(y)), ("ipc 1", num_classes), ("ipc 10", 10 * num_classes)):
+        cost = training_flops(n, epochs, per_sample)
+        lines.append(f"| {name} | {n} | {format_flops(cost)} | {100 * cost / full:.1f}% |")
+    return lines
+
+
 def distillation_section(args, data) -> str:
     """Every method at ipc 1 and 10 against random / herding / k-means subsets and the full data."""
     from fastdd.distill import distill, evaluate, herding_subset, kmeans_subset, random_subset, train_experts
@@ -317,6 +335,7 @@ def distillation_section(args, data) -> str:
     for name, by_ipc in rows.items():
         cells = [f"{100 * by_ipc[i][0]:.1f} ± {100 * by_ipc[i][1]:.1f}" for i in (1, 10)]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    lines += cost_table(X, y, args.eval_epochs, opts)
     lines += ["", "Synthetic sets at 10 images per class:", ""]
     lines += [f"![{m}](distilled_{m}.png)" for m in settings]
     with open(os.path.join(args.out, "distillation.md"), "w") as f:

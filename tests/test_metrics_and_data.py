@@ -48,3 +48,19 @@ def test_blobs_are_seeded():
     X1, y1 = make_blobs_images(50, seed=3)
     X2, y2 = make_blobs_images(50, seed=3)
     assert torch.equal(X1, X2) and torch.equal(y1, y2) and X1.shape == (50, 1, 8, 8)
+
+
+def test_flops_per_sample_counts_a_linear_layer_exactly():
+    from torch import nn
+
+    from fastdd.cost import flops_per_sample, format_flops, training_flops
+
+    model = nn.Linear(8, 4, bias=False)
+    # forward x W^T: 2*8*4; backward: the weight gradient only (the input needs none): 2*8*4
+    assert flops_per_sample(model, torch.randn(8)) == 4 * 8 * 4
+    deeper = nn.Sequential(nn.Linear(8, 4, bias=False), nn.ReLU(), nn.Linear(4, 3, bias=False))
+    # second layer: forward, weight gradient and input gradient (flows back to the first)
+    assert flops_per_sample(deeper, torch.randn(8)) == 4 * 8 * 4 + 6 * 4 * 3
+    assert training_flops(100, 3, 10) == 3000
+    assert format_flops(2.5e12) == "2.5 TFLOP"
+    assert model.weight.grad is None
