@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..distributed import all_sum, shard
 from ..grad import classwise_grads
 from ._base import Distiller
 from .augment import DSA
@@ -64,18 +65,24 @@ class GradientMatching(Distiller):
         """Packed ``[C, P]`` mean gradient of each class's real images (no graph kept).
 
         On a GPU one backward through the whole batch (``classwise_grads``); on a CPU a
-        backward per class, whose batches stay in cache (see ``_class_slices``).
+        backward per class, whose batches stay in cache (see ``_class_slices``). Under
+        ``torch.distributed`` each rank takes a share of the classes and the sums are reduced.
         """
-        slices = self._class_slices(labels)
-        if len(slices) == 1:
-            g = classwise_grads(net, real, labels, self.num_classes, params=names)
-            return pack([g[n] for n in names])
         out = torch.zeros(self.num_classes, sum(p.numel() for p in params), device=real.device)
+        classes = shard(self.num_classes)
+        ends = [0] + torch.cumsum(torch.bincount(labels, minlength=self.num_classes), 0).tolist()
+        real, labels = real[ends[classes.start]:ends[classes.stop]], labels[ends[classes.start]:ends[classes.stop]]
+        if len(labels) == 0:
+            return all_sum(out)
+        slices = self._class_slices(labels)
+        if len(slices) == 1 and real.device.type == "cuda":
+            g = classwise_grads(net, real, labels, self.num_classes, params=names)
+            return all_sum(pack([g[n] for n in names]))
         for rows in slices:
             c = int(labels[rows.start])
             grads = torch.autograd.grad(F.cross_entropy(net(real[rows]), labels[rows]), params)
             out[c] = torch.cat([g.flatten() for g in grads])
-        return out
+        return all_sum(out)
 
     def step(self) -> float:
         net = self._fresh_net()

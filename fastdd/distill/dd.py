@@ -4,6 +4,12 @@ Bi-level: from a freshly sampled initialization, ``inner_steps`` differentiable 
 on the synthetic set with a learned learning rate (``exp(log_lr)``); the outer loss is
 the cross-entropy of the resulting network on a real batch, minimized over the images
 and the learning rate.
+
+With ``max_unroll > inner_steps`` the inner run is truncated and randomized as in RaT-BPTT
+(Feng et al. 2023): each iteration trains ``T ~ U[inner_steps, max_unroll]`` steps but
+back-propagates only through the last ``inner_steps``, so the images are shaped by later
+stages of training too, at the memory of ``inner_steps`` unrolled steps. Plain DD (all
+steps unrolled) is the default.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ class MetaLearning(Distiller):
     """Distill ``(X, y)`` into ``ipc`` images per class with DD's unrolled bi-level optimization.
 
     Args:
-        inner_steps: unrolled SGD steps on the synthetic set per iteration.
+        inner_steps: unrolled (differentiated) SGD steps on the synthetic set per iteration.
+        max_unroll: most inner steps in total (None: ``inner_steps``, plain DD); the steps
+            before the last ``inner_steps`` run without a graph.
         batch_real: real images in each outer loss.
         lr_img, lr_lr: Adam rates of the images and of ``log_lr``; ``lr_init`` the starting inner lr.
         fixed_init: one initialization for every iteration (DD's "fixed" setting) instead of a
@@ -30,8 +38,11 @@ class MetaLearning(Distiller):
 
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  inner_steps: int = 10, batch_real: int = 256, lr_img: float = 0.05, lr_lr: float = 0.01,
-                 lr_init: float = 0.02, fixed_init: bool = False, seed: int = 0):
+                 lr_init: float = 0.02, fixed_init: bool = False, max_unroll: int | None = None, seed: int = 0):
         check_positive_int(inner_steps, "inner_steps")
+        if max_unroll is not None and (not isinstance(max_unroll, int) or max_unroll < inner_steps):
+            raise ValueError(f"max_unroll must be an int >= inner_steps ({inner_steps}), got {max_unroll!r}")
+        self.max_unroll = max_unroll or inner_steps
         self._setup(X, y, ipc, model, model_options, seed)
         self.inner_steps, self.batch_real, self.fixed_init = inner_steps, batch_real, fixed_init
         self.init_seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
@@ -47,6 +58,13 @@ class MetaLearning(Distiller):
         net = self._fresh_net(self.init_seed if self.fixed_init else None)
         params = {n: p.detach().requires_grad_(True) for n, p in net.named_parameters()}
         lr = self.log_lr.exp()
+        if self.max_unroll > self.inner_steps:  # the untracked head of a truncated unroll
+            head = int(torch.randint(self.max_unroll - self.inner_steps + 1, (1,), generator=self.gen))
+            images, step = self.images.detach(), lr.detach()
+            for _ in range(head):
+                loss = F.cross_entropy(functional_call(net, params, (images,)), self.labels)
+                grads = torch.autograd.grad(loss, list(params.values()))
+                params = {n: (p - step * g).detach().requires_grad_(True) for (n, p), g in zip(params.items(), grads)}
         for _ in range(self.inner_steps):
             loss = F.cross_entropy(functional_call(net, params, (self.images,)), self.labels)
             grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)

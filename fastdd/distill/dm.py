@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._base import Distiller
+from ..distributed import all_gather_rows, shard
 from .augment import DSA
 from .mmd import KERNELS, class_mmd
 
@@ -66,9 +67,11 @@ class DistributionMatching(Distiller):
         syn = self.images
         if self.dsa is not None:
             real, syn = self.dsa(real, syn, self.gen)  # one draw for both sides
-        with torch.no_grad():
-            f_real = torch.cat([embed(real[rows]) for rows in self._class_slices(real_labels)])
         f_syn = embed(syn)
+        mine = shard(len(real))  # under torch.distributed each rank embeds a share of the real batch
+        with torch.no_grad():
+            f_mine = [embed(real[mine][rows]) for rows in self._class_slices(real_labels[mine])]
+        f_real = all_gather_rows(torch.cat(f_mine) if f_mine else f_syn.new_zeros(0, f_syn.shape[1]))
         real_counts = torch.bincount(real_labels, minlength=self.num_classes)  # rows come grouped by class
         syn_counts = torch.full((self.num_classes,), self.ipc)
         loss = class_mmd(f_real, real_counts, f_syn, syn_counts, self.kernel, self.gamma).sum()

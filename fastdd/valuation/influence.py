@@ -17,6 +17,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from .._validate import check_finite
+from ..distributed import all_gather_rows, shard
 from ..grad import per_sample_grad_dots, per_sample_grads
 from ._params import FlatParams
 from .block_cg import SolveInfo, block_cg
@@ -274,6 +275,7 @@ class InfluenceFunction:
         Positive: upweighting the training point raises that test loss (harmful);
         removing it changes the test loss by about ``-score / n_train``. Training
         gradients enter only through dots with the solved vectors (never ``n_train x P``).
+        Under a ``torch.distributed`` group the training batches are split across ranks.
         """
         self._check_fitted()
         if len(X_test) != len(y_test):
@@ -283,8 +285,11 @@ class InfluenceFunction:
             G_test = self._gradients(X_test[s:s + self.test_chunk], y_test[s:s + self.test_chunk], "test")
             S = self.solve(G_test.T)  # [P, k]
             vectors = {n: v.to(self.flat.named[n].dtype) for n, v in self.flat.unflatten(S.T).items()}
-            cols = [-per_sample_grad_dots(self.model, xb, yb, vectors, loss_fn=self.loss_fn) for xb, yb in self.data]
-            out.append(torch.cat(cols).to(self.dtype))
+            mine = self.data[shard(len(self.data))]  # this rank's training batches (all without a group)
+            cols = [-per_sample_grad_dots(self.model, xb, yb, vectors, loss_fn=self.loss_fn) for xb, yb in mine]
+            k = G_test.shape[0]
+            local = torch.cat(cols) if cols else torch.empty(0, k, device=G_test.device)
+            out.append(all_gather_rows(local.to(self.dtype).contiguous()))
         return torch.cat(out, dim=1)
 
     def self_influence(self) -> torch.Tensor:
@@ -293,8 +298,9 @@ class InfluenceFunction:
         such as mislabelled ones."""
         self._check_fitted()
         out = []
-        for xb, yb in self.data:
+        for xb, yb in self.data[shard(len(self.data))]:  # this rank's training batches
             for s in range(0, len(yb), self.test_chunk):
                 G = self._gradients(xb[s:s + self.test_chunk], yb[s:s + self.test_chunk], "training")
                 out.append((G.T * self.solve(G.T)).sum(0))
-        return torch.cat(out)
+        local = torch.cat(out) if out else torch.empty(0, dtype=self.dtype, device=self.device)
+        return all_gather_rows(local.contiguous())

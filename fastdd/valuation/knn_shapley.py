@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .._chunking import chunks, rows_per_chunk
+from ..distributed import all_gather_rows, all_sum, shard
 from .._validate import as_labels, as_matrix, check_positive_int
 
 
@@ -33,6 +34,9 @@ def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | 
     Returns:
         ``[N]`` values averaged over test points (and the ``[T, N]`` matrix if asked).
         Larger is more helpful; mislabelled points get negative values.
+
+    Under an initialized ``torch.distributed`` group the test points are split across ranks
+    and every rank returns the full result (:mod:`fastdd.distributed`).
     """
     X_train = as_matrix(X_train, "X_train")
     X_test = as_matrix(X_test, "X_test")
@@ -49,9 +53,12 @@ def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | 
     i = torch.arange(1, N, device=X_train.device, dtype=torch.float32)  # 1-indexed ranks 1..N-1
     weight = torch.clamp(i, max=k) / (i * k)  # min(K, i) / (i K)
     total = torch.zeros(N, dtype=torch.float64, device=X_train.device)
-    per_test = torch.empty(T, N, dtype=torch.float32, device=X_train.device) if return_per_test else None
+    mine = shard(T)  # this rank's test points (all of them without a process group)
+    T_mine = mine.stop - mine.start
+    per_test = torch.empty(T_mine, N, dtype=torch.float32, device=X_train.device) if return_per_test else None
     # a chunk holds distances, sort order and values: about 4 x 4 bytes per (test, train) pair
-    for s in chunks(T, rows_per_chunk(T, 16 * N, chunk_size)):
+    for local in chunks(T_mine, rows_per_chunk(T_mine, 16 * N, chunk_size)):
+        s = slice(mine.start + local.start, mine.start + local.stop)
         xt = X_test[s]
         dist = torch.addmm(tr_sq.unsqueeze(0), xt, X_train.T, alpha=-2.0)  # ||x_tr||^2 - 2 x.x_tr
         order = torch.argsort(dist, dim=1, stable=True)  # ties: lower index first
@@ -63,6 +70,6 @@ def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | 
         vals[:, :-1] = vals[:, -1:] + diffs.flip(1).cumsum(1).flip(1)
         total.index_add_(0, order.reshape(-1), vals.reshape(-1).double())
         if per_test is not None:
-            per_test[s] = torch.empty_like(vals).scatter_(1, order, vals)
-    values = (total / T).float()
-    return (values, per_test) if return_per_test else values
+            per_test[local] = torch.empty_like(vals).scatter_(1, order, vals)
+    values = (all_sum(total) / T).float()
+    return (values, all_gather_rows(per_test)) if return_per_test else values
