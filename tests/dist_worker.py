@@ -4,11 +4,11 @@ import torch.nn.functional as F
 
 
 def compute() -> dict:
-    """KNN-Shapley, influence scores, a DM step and a DC step on small fixed problems."""
+    """KNN-Shapley, TMC-Shapley, influence scores, a DM step and a DC step on small fixed problems."""
     from fastdd.data import load_digits
     from fastdd.distill import DistributionMatching, GradientMatching
     from fastdd.train import train_model
-    from fastdd.valuation import InfluenceFunction, knn_shapley
+    from fastdd.valuation import InfluenceFunction, KNNUtility, knn_shapley, tmc_shapley
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -16,6 +16,10 @@ def compute() -> dict:
     Xt, yt = torch.randn(13, 5, generator=gen), torch.randint(0, 3, (13,), generator=gen)
     out = {}
     out["knn"], out["knn_per_test"] = knn_shapley(X, y, Xt, yt, k=3, return_per_test=True)
+    # 5 permutations: an odd count, so the last round of two ranks has one idle rank
+    res = tmc_shapley(KNNUtility(X[:12], y[:12], Xt, yt, k=3), 12, max_permutations=5, min_permutations=5,
+                      convergence_tol=0.0, seed=3)
+    out["tmc"], out["tmc_done"] = res.values, torch.tensor(res.n_samples)
     model = torch.nn.Linear(5, 3)
     train_model(model, X, y, epochs=20, lr=0.1, seed=0)
     inf = InfluenceFunction(model, damping=1e-2, solver="direct", batch_size=16).fit(X, y)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from ..distributed import all_gather_rows, world
 from .. import _checkpoint
 from .._validate import check_positive_int
 
@@ -45,6 +46,10 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
     ``convergence_tol`` times the mean absolute value. With ``truncation_tol=0`` every
     permutation's marginals sum to ``U(all) - U(empty)`` exactly.
 
+    Under a ``torch.distributed`` group each rank walks one permutation of every round of
+    ``world_size`` and all ranks return the same values as one process would; rank 0 writes
+    the checkpoint.
+
     Returns a :class:`ValuationResult` (values, stderr, permutations used, converged).
     """
     check_positive_int(n, "n")
@@ -62,8 +67,9 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
         gen.set_state(state["rng"])
     bar = _progress(max_permutations, "TMC-Shapley permutations", progress, done)
     converged = False
-    while done < max_permutations:
-        perm = torch.randperm(n, generator=gen)
+    rank, size = world()
+
+    def marginals(perm):
         marginal = torch.zeros(n, dtype=torch.float64)
         prev = empty
         for j in range(n):
@@ -72,22 +78,30 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
             prev = cur
             if abs(full - cur) <= truncation_tol * abs(full):
                 break  # the rest of the permutation adds (about) nothing
-        total += marginal
-        total_sq += marginal.square()
-        done += 1
-        if bar is not None:
-            bar.update(1)
-        if checkpoint and (done % checkpoint_every == 0 or done == max_permutations):
-            _checkpoint.save(checkpoint, {"identity": identity, "full": full, "empty": empty, "sum": total,
-                                          "sum_sq": total_sq, "done": done, "rng": gen.get_state()})
-        if done >= min_permutations:
-            values, stderr = _mean_stderr(total, total_sq, done)
-            if stderr.mean() <= convergence_tol * values.abs().mean():
-                converged = True
-                break
+        return marginal
+
+    while done < max_permutations and not converged:
+        # a round: every rank draws the same permutations and walks its own; all ranks then
+        # add all of them in order, so the sums match a single process's
+        perms = [torch.randperm(n, generator=gen) for _ in range(min(size, max_permutations - done))]
+        mine = marginals(perms[rank]).unsqueeze(0) if rank < len(perms) else torch.zeros(0, n, dtype=torch.float64)
+        for marginal in all_gather_rows(mine):
+            total += marginal
+            total_sq += marginal.square()
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            if checkpoint and rank == 0 and (done % checkpoint_every == 0 or done == max_permutations):
+                _checkpoint.save(checkpoint, {"identity": identity, "full": full, "empty": empty, "sum": total,
+                                              "sum_sq": total_sq, "done": done, "rng": gen.get_state()})
+            if done >= min_permutations:
+                values, stderr = _mean_stderr(total, total_sq, done)
+                if stderr.mean() <= convergence_tol * values.abs().mean():
+                    converged = True
+                    break
     if bar is not None:
         bar.close()
-    if checkpoint:
+    if checkpoint and rank == 0:
         _checkpoint.save(checkpoint, {"identity": identity, "full": full, "empty": empty, "sum": total,
                                       "sum_sq": total_sq, "done": done, "rng": gen.get_state()})
     values, stderr = _mean_stderr(total, total_sq, done)
