@@ -273,8 +273,8 @@ def save_image_grid(path, images, labels, title):
     plt.close(fig)
 
 
-def cost_table(X, y, epochs: int, model_options: dict) -> list[str]:
-    """Training compute of each set size: #data x #epochs x counted forward+backward FLOPs per sample."""
+def cost_table(X, y, epochs: int, model_options: dict, sizes: list[tuple[str, int]], note: str = "") -> list[str]:
+    """Training compute of each set ``(name, #data)``: #data x #epochs x counted forward+backward FLOPs per sample."""
     from fastdd.cost import flops_per_sample, format_flops, training_flops
     from fastdd.models import get_model
 
@@ -283,9 +283,9 @@ def cost_table(X, y, epochs: int, model_options: dict) -> list[str]:
     per_sample = flops_per_sample(net, X[0])
     full = training_flops(len(y), epochs, per_sample)
     lines = ["", f"Training compute of each set: #data x {epochs} epochs x {format_flops(per_sample)} per sample "
-             "(forward + backward, counted by `torch.utils.flop_counter`; the cost of distilling is not included):",
+             f"(forward + backward, counted by `torch.utils.flop_counter`){note}:",
              "", "| set | images | training compute | of the full data |", "|---|---|---|---|"]
-    for name, n in (("full data", len(y)), ("ipc 1", num_classes), ("ipc 10", 10 * num_classes)):
+    for name, n in sizes:
         cost = training_flops(n, epochs, per_sample)
         lines.append(f"| {name} | {n} | {format_flops(cost)} | {100 * cost / full:.1f}% |")
     return lines
@@ -335,7 +335,8 @@ def distillation_section(args, data) -> str:
     for name, by_ipc in rows.items():
         cells = [f"{100 * by_ipc[i][0]:.1f} ± {100 * by_ipc[i][1]:.1f}" for i in (1, 10)]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    lines += cost_table(X, y, args.eval_epochs, opts)
+    lines += cost_table(X, y, args.eval_epochs, opts,
+                        [("full data", len(y)), ("ipc 1", 10), ("ipc 10", 100)], "; the cost of distilling is not included")
     lines += ["", "Synthetic sets at 10 images per class:", ""]
     lines += [f"![{m}](distilled_{m}.png)" for m in settings]
     with open(os.path.join(args.out, "distillation.md"), "w") as f:
@@ -371,6 +372,9 @@ def pruning_section(args, data) -> str:
         curve.table(),
         "",
         f"![pruning curve]({figure})",
+        *cost_table(X, y, args.epochs, dict(width=32, depth=2),
+                    [(f"keep {round(100 * f)}%", round(f * len(y))) for f in fractions],
+                    "; scoring costs 15 epochs of the embedding encoder on the full data, not included"),
         "",
         f"`recommend_keep(n_samples={len(y)}, fraction=0.3, num_classes=10)`: keep **{advice.keep}**: {advice.reason}. "
         "The rule is a prior from the paper's theory; the curve above is the measurement for this data "

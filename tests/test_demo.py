@@ -25,6 +25,9 @@ def test_demo_pruning_section(tmp_path):
     full = rows[-1]
     assert full[1] == full[2] == full[3]  # 100% kept: every policy trains on the same data
     assert float(full[1]) > float(rows[0][3]), report  # all the data beats 10% random
+    # compute is counted, so it scales with the kept fraction: keep 10% costs 10.0% of the full data
+    cost = dict(re.findall(r"^\| keep (\d+)% \| \d+ \| [0-9.]+ [A-Z]*FLOP \| ([0-9.]+)% \|$", report, re.M))
+    assert cost["100"] == "100.0" and cost["10"] == "10.0", report
     assert "pruning.md" in (tmp_path / "README.md").read_text()
 
 
