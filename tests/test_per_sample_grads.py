@@ -128,30 +128,6 @@ def test_grads_match_vmap(case):
         assert_close(got[name], expected[name], name=f"{case}:{name}", **TOL)
 
 
-@pytest.mark.parametrize("case", ["convnet8", "conv_groups_stride_dilation", "conv1d"])
-def test_conv_patches_path_matches_vmap(monkeypatch, case):
-    """The unfold + GEMM path GPUs use (FASTDD_CONV_GRAD=patches), checked on the CPU, chunked too."""
-    monkeypatch.setenv("FASTDD_CONV_GRAD", "patches")
-    monkeypatch.setenv("FASTDD_CHUNK_MB", "0.001")  # a chunk of one sample
-    model, x, y, loss = build(case)
-    expected = oracle(model, x, y, loss)
-    got = fastdd.per_sample_grads(model, x, y, loss_fn=loss)
-    for name in expected:
-        assert_close(got[name], expected[name], name=f"{case}:{name}", **TOL)
-    norms = fastdd.per_sample_grad_norms(model, x, y, loss_fn=loss)
-    assert_close(norms, flat_sq_norms(expected).sqrt(), name=f"{case}:norms", **TOL)
-
-
-def test_conv_grad_method_choice(monkeypatch):
-    from fastdd.grad.rules import conv_grad_method
-
-    assert conv_grad_method(torch.device("cpu")) == "grouped"
-    assert conv_grad_method(torch.device("cuda")) == "patches"
-    monkeypatch.setenv("FASTDD_CONV_GRAD", "bogus")
-    with pytest.raises(ValueError, match="FASTDD_CONV_GRAD='bogus'"):
-        conv_grad_method(torch.device("cpu"))
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_norms_match_materialized(case):
     model, x, y, loss = build(case)

@@ -17,8 +17,6 @@ per-sample gradients, and Conv norms use the Gram form over patches where it is 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -174,34 +172,6 @@ def _conv_weight_grad(m, x, g, groups_per_sample: bool = True):
     return grad_w.view(B, *m.weight.shape) if groups_per_sample else grad_w
 
 
-def conv_grad_method(device: torch.device) -> str:
-    """How per-sample conv weight gradients are formed: ``"grouped"`` (the batch as groups of
-    one convolution backward; 3x faster than patches on the CPU) or ``"patches"`` (unfold +
-    batched GEMM, chunked; for GPUs, where cuDNN's many-group backward is slow).
-    ``FASTDD_CONV_GRAD`` forces one."""
-    forced = os.environ.get("FASTDD_CONV_GRAD", "").strip().lower()
-    if forced in ("grouped", "patches"):
-        return forced
-    if forced and forced != "auto":
-        raise ValueError(f"FASTDD_CONV_GRAD={forced!r}: expected grouped, patches or auto")
-    return "patches" if device.type == "cuda" else "grouped"
-
-
-def _per_sample_conv_weight_grad(m, x, g):
-    """``[B, *weight.shape]`` per-sample weight gradients by :func:`conv_grad_method`."""
-    if conv_grad_method(g.device) == "grouped":
-        return _conv_weight_grad(m, x, g)
-    B = x.shape[0]
-    out = torch.empty((B, *m.weight.shape), dtype=g.dtype, device=g.device)
-    pg = m.out_channels // m.groups
-    patch_bytes = g.element_size() * m.weight[0].numel() * m.groups * g[0, 0].numel()
-    for s in chunks(B, rows_per_chunk(B, patch_bytes)):
-        A = _conv_patches(m, x[s]).to(g.dtype)  # [b, groups, L, C_in/groups * k]
-        G = g[s].reshape(s.stop - s.start, m.groups, pg, -1)  # [b, groups, pg, L]
-        out[s] = torch.matmul(G, A).view(s.stop - s.start, *m.weight.shape)
-    return out
-
-
 class ConvRule(Rule):
     """nn.Conv1d / nn.Conv2d (groups, stride, dilation, padding).
 
@@ -211,7 +181,7 @@ class ConvRule(Rule):
     """
 
     def materialize(self, m, x, g, out=None):
-        res = {"weight": _per_sample_conv_weight_grad(m, x, g)}
+        res = {"weight": _conv_weight_grad(m, x, g)}
         buf = None if out is None else out.get("weight")
         if buf is not None:
             res["weight"] = buf.copy_(res["weight"])
@@ -231,7 +201,7 @@ class ConvRule(Rule):
         else:
             w = torch.empty(B, dtype=acc_dtype(g), device=g.device)
             for s in chunks(B, rows_per_chunk(B, 4 * m.weight.numel(), chunk_size)):
-                w[s] = _per_sample_conv_weight_grad(m, x[s], g[s]).flatten(1).float().square().sum(1)
+                w[s] = _conv_weight_grad(m, x[s], g[s]).flatten(1).float().square().sum(1)
             res = {"weight": w}
         if m.bias is not None:
             res["bias"] = acc(g.flatten(2)).sum(2).square().sum(1)
