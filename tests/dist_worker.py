@@ -1,6 +1,5 @@
 """The work that tests/test_distributed.py runs in one process and in two gloo ranks."""
 import torch
-import torch.nn.functional as F
 
 
 def compute() -> dict:
