@@ -284,3 +284,21 @@ def test_distill_stops_on_non_finite_loss_and_keeps_the_last_good_state(tmp_path
                 model_options=dict(width=8, depth=1), batch_real=16)
     state = _checkpoint.load(ck, {"method": "dm", "ipc": 1, "model": "convnet", "seed": 0, "n": len(digits.y_train)})
     assert torch.isfinite(state["engine"]["learned"]["images"]).all()
+
+
+def test_meta_learning_truncated_unroll_resumes_exactly_and_validates(digits):
+    """RaT-BPTT: the random head length comes from the run's generator, so resume is exact."""
+    from fastdd.distill import MetaLearning
+
+    kw = dict(model_options=dict(width=8, depth=1), inner_steps=2, max_unroll=6, batch_real=32, seed=4)
+    full, _ = MetaLearning(digits.X_train, digits.y_train, 1, **kw).run(4)
+    first = MetaLearning(digits.X_train, digits.y_train, 1, **kw)
+    first.run(2)
+    resumed = MetaLearning(digits.X_train, digits.y_train, 1, **kw)
+    resumed.load_state_dict(first.state_dict())
+    images, _ = resumed.run(4)
+    assert torch.equal(images, full)
+    plain, _ = MetaLearning(digits.X_train, digits.y_train, 1, **{**kw, "max_unroll": None}).run(4)
+    assert not torch.equal(plain, full)  # the untracked head changes the trajectory
+    with pytest.raises(ValueError, match="max_unroll must be an int >= inner_steps"):
+        MetaLearning(digits.X_train, digits.y_train, 1, inner_steps=5, max_unroll=3)
