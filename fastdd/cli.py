@@ -72,6 +72,10 @@ def cmd_distill(args) -> None:
     data = _load(args)
     X = _images(data.X_train, "distill")
     options = {"model_options": {"width": args.width, "depth": args.depth} if args.model == "convnet" else {}}
+    if args.low_memory:
+        if args.method != "mtt":
+            raise UsageError("--low-memory applies to --method mtt")
+        options["low_memory"] = True
     if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
         raise UsageError(f"--checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
     if args.resume and not args.checkpoint:
@@ -230,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int, default=2, help="ConvNet depth")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="save progress here every 20 iterations")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
+    p.add_argument("--low-memory", action="store_true",
+                   help="mtt: recompute student steps in the backward (memory of one step, same result)")
     p.add_argument("--evaluate", type=int, default=0, metavar="N",
                    help="then train N fresh models on the synthetic set and report test accuracy (0: skip)")
 

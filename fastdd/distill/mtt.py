@@ -5,6 +5,12 @@ student at a random expert epoch ``s < max_start_epoch``, takes ``syn_steps`` di
 SGD steps on the synthetic set with a learnable learning rate (``exp(log_lr)``: always
 positive), and minimizes ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` with ``theta*``
 the expert at epoch ``s + expert_epochs``.
+
+``low_memory=True`` gives the same gradients with the memory of one student step instead
+of ``syn_steps``: the student's parameters are kept after each step (a flat vector each),
+and the backward walks the steps in reverse, recomputing each step's graph and carrying
+the adjoint with a Hessian-vector product (as in TESLA, Cui et al. 2023). It costs one
+more forward and backward per step.
 """
 from __future__ import annotations
 
@@ -76,6 +82,8 @@ class TrajectoryMatching(Distiller):
         lr_img, lr_lr: SGD rates of the images and of ``log_lr`` (defaults 100 and 0.01, set on
             standardized 8x8 digits); ``lr_init``: the starting synthetic learning rate (the
             experts' 0.01).
+        low_memory: recompute each student step in the backward instead of keeping all
+            ``syn_steps`` graphs (same result; memory of one step).
     """
 
     description = "trajectory matching"
@@ -83,7 +91,7 @@ class TrajectoryMatching(Distiller):
     def __init__(self, X: torch.Tensor, y, ipc: int, experts: list, model: str = "convnet",
                  model_options: dict | None = None, syn_steps: int = 10, expert_epochs: int = 2,
                  max_start_epoch: int = 5, lr_img: float = 100.0, lr_lr: float = 0.01, lr_init: float = 0.01,
-                 momentum: float = 0.5, dsa: DSA | None = None, seed: int = 0):
+                 momentum: float = 0.5, dsa: DSA | None = None, low_memory: bool = False, seed: int = 0):
         self._setup(X, y, ipc, model, model_options, seed)
         if not experts:
             raise ValueError("experts is empty: train them with train_experts()")
@@ -103,7 +111,7 @@ class TrajectoryMatching(Distiller):
         self.log_lr = torch.tensor(float(torch.log(torch.tensor(lr_init))), device=X.device, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
         self.opt_lr = torch.optim.SGD([self.log_lr], lr=lr_lr, momentum=momentum)
-        self.dsa = dsa
+        self.dsa, self.low_memory = dsa, low_memory
 
     @property
     def lr(self) -> float:
@@ -118,24 +126,59 @@ class TrajectoryMatching(Distiller):
         s = int(torch.randint(self.max_start, (1,), generator=self.gen))
         traj = self.experts[e].to(self.images.device).float()
         start, target = traj[s], traj[s + self.expert_epochs]
-        theta = start.clone().requires_grad_(True)
-        lr = self.log_lr.exp()
-        x = self.images
-        for _ in range(self.syn_steps):
-            xs = self.dsa.apply(x, self.dsa.sample(self.gen)) if self.dsa is not None else x
-            loss = F.cross_entropy(self._forward(theta, xs), self.labels)
-            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-            theta = theta - lr * g
-        match = (theta - target).square().sum() / (start - target).square().sum().clamp_min(1e-12)
-        if not torch.isfinite(match):
-            raise FloatingPointError(f"non-finite trajectory-matching loss at iteration {self.iteration}")
         self.opt_img.zero_grad()
         self.opt_lr.zero_grad()
-        match.backward()
+        augs = [self.dsa.sample(self.gen) if self.dsa is not None else None for _ in range(self.syn_steps)]
+        match = (self._match_low_memory if self.low_memory else self._match_unrolled)(start, target, augs)
+        if not torch.isfinite(match):
+            raise FloatingPointError(f"non-finite trajectory-matching loss at iteration {self.iteration}")
         self.opt_img.step()
         self.opt_lr.step()
         self.iteration += 1
         return float(match.detach())
+
+    def _student_loss(self, theta, images, aug):
+        x = self.dsa.apply(images, aug) if aug is not None else images
+        return F.cross_entropy(self._forward(theta, x), self.labels)
+
+    def _match_unrolled(self, start, target, augs) -> torch.Tensor:
+        """All student steps in one graph; backward fills the images' and log_lr's .grad."""
+        theta, lr = start.clone().requires_grad_(True), self.log_lr.exp()
+        for aug in augs:
+            (g,) = torch.autograd.grad(self._student_loss(theta, self.images, aug), theta, create_graph=True)
+            theta = theta - lr * g
+        match = (theta - target).square().sum() / (start - target).square().sum().clamp_min(1e-12)
+        if torch.isfinite(match):
+            match.backward()
+        return match.detach()
+
+    def _match_low_memory(self, start, target, augs) -> torch.Tensor:
+        """The same gradients by reverse recomputation: keep theta_k, rebuild one step at a time."""
+        lr = float(self.log_lr.detach().exp())
+        images = self.images.detach()
+        thetas = [start]
+        for aug in augs:  # forward: no graph kept beyond the step
+            theta = thetas[-1].detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self._student_loss(theta, images, aug), theta)
+            thetas.append((theta - lr * g).detach())
+        denom = (start - target).square().sum().clamp_min(1e-12)
+        match = (thetas[-1] - target).square().sum() / denom
+        if not torch.isfinite(match):
+            return match
+        adjoint = 2 * (thetas[-1] - target) / denom  # dJ/dtheta_N
+        grad_images, grad_lr = torch.zeros_like(images), torch.zeros((), dtype=start.dtype, device=start.device)
+        x = images.requires_grad_(True)
+        for k in reversed(range(len(augs))):
+            theta = thetas[k].detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self._student_loss(theta, x, augs[k]), theta, create_graph=True)
+            # theta_{k+1} = theta_k - lr g(theta_k, x): pull the adjoint back through the step
+            d_theta, d_x = torch.autograd.grad(g, (theta, x), grad_outputs=adjoint)
+            grad_lr -= (adjoint * g.detach()).sum()
+            grad_images -= lr * d_x
+            adjoint = adjoint - lr * d_theta
+        self.images.grad = grad_images
+        self.log_lr.grad = (grad_lr * lr).to(self.log_lr.dtype)  # d/dlog_lr = lr d/dlr
+        return match.detach()
 
     def _learned(self) -> dict:
         return {"images": self.images, "log_lr": self.log_lr}
