@@ -322,3 +322,16 @@ def test_trajectory_matching_low_memory_gives_the_same_step(digits, experts, use
     assert_close(engines[1].images.detach() - before, moved, atol=1e-4 * moved.abs().max().item(), rtol=1e-3,
                  name="image step")
     assert engines[1].lr == pytest.approx(engines[0].lr, rel=1e-5)
+
+
+def test_images_the_model_cannot_take_are_refused_up_front(digits):
+    from fastdd.distill import DistributionMatching, GradientMatching
+
+    X, y = digits.X_train, digits.y_train
+    with pytest.raises(ValueError, match=r"images of 1 x 3 x 3 do not fit model 'lenet'"):
+        DistributionMatching(X[:, :, :3, :3], y, 1, model="lenet")
+    with pytest.raises(ValueError, match=r"images of 1 x 8 x 8 do not fit model 'convnet'"):
+        GradientMatching(X, y, 1, model_options=dict(width=8, depth=2, norm="nonsense"))
+    # non-square images are fine: the network is built for H x W
+    images, _ = DistributionMatching(X[:, :, :, :6], y, 1, model_options=dict(width=8, depth=2)).run(1)
+    assert images.shape == (10, 1, 8, 6)

@@ -29,10 +29,23 @@ class Distiller:
             raise ValueError(f"ipc={ipc} is larger than the smallest class ({int(counts.min())} samples)")
         self.X, self.ipc = X, ipc
         self.model, self.model_options = model, dict(model_options or {})
+        self._check_model_takes(X[:1])
         self.gen = torch.Generator().manual_seed(seed)
         self.by_class = [torch.nonzero(self.y == c).flatten() for c in range(self.num_classes)]
         self.labels = torch.arange(self.num_classes, device=X.device).repeat_interleave(ipc)
         self.iteration = 0
+
+    def _check_model_takes(self, image: torch.Tensor) -> None:
+        """A clear error, before any work, when the network cannot take images of this size."""
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                net = get_model(self.model, image.shape[1], self.num_classes, tuple(image.shape[-2:]),
+                                **self.model_options)
+                net.to(image.device)(image)
+        except (RuntimeError, ValueError) as exc:
+            C, H, W = image.shape[1:]
+            raise ValueError(f"images of {C} x {H} x {W} do not fit model {self.model!r} with "
+                             f"{self.model_options or 'default options'}: {exc}") from exc
 
     def _real_images(self) -> torch.Tensor:
         """``ipc`` random real images of each class, as a leaf to optimize."""
@@ -45,7 +58,8 @@ class Distiller:
             seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = get_model(self.model, self.X.shape[1], self.num_classes, self.X.shape[-1], **self.model_options)
+            net = get_model(self.model, self.X.shape[1], self.num_classes, tuple(self.X.shape[-2:]),
+                            **self.model_options)
         return net.to(self.X.device)
 
     def _real_batch(self, per_class: int):

@@ -41,7 +41,7 @@ def evaluate(images: torch.Tensor, labels, X_test: torch.Tensor, y_test, model: 
     for r in runs:
         torch.manual_seed(seed + r)
         gen = torch.Generator().manual_seed(seed + r)
-        net = get_model(model, images.shape[1], num_classes, images.shape[-1], **(model_options or {}))
+        net = get_model(model, images.shape[1], num_classes, tuple(images.shape[-2:]), **(model_options or {}))
         net = net.to(images.device)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)

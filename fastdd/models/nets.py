@@ -84,13 +84,13 @@ class MLP(nn.Module):
 class LeNet(nn.Module):
     """LeNet-5 style: two conv 5x5 (padding 2) + max-pool blocks, then 120-84-classes."""
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int = 28):
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 28):
         super().__init__()
-        s = image_size // 4
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
-            nn.Linear(16 * s * s, 120), nn.ReLU(inplace=True), nn.Linear(120, 84), nn.ReLU(inplace=True),
+            nn.Linear(16 * (h // 4) * (w // 4), 120), nn.ReLU(inplace=True), nn.Linear(120, 84), nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(84, num_classes)
 
@@ -101,15 +101,17 @@ class LeNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def get_model(name: str, in_channels: int, num_classes: int, image_size: int = 32, **options) -> nn.Module:
-    """Build ``"convnet"``, ``"mlp"`` or ``"lenet"`` for ``[B, in_channels, image_size, image_size]`` inputs."""
+def get_model(name: str, in_channels: int, num_classes: int, image_size: int | tuple = 32, **options) -> nn.Module:
+    """Build ``"convnet"``, ``"mlp"`` or ``"lenet"`` for ``[B, in_channels, H, W]`` inputs,
+    ``image_size`` being ``H = W`` or ``(H, W)``."""
     name = name.lower()
+    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if name == "convnet":
         return ConvNet(in_channels, num_classes, image_size, **options)
     if name == "mlp":
-        return MLP(in_channels * image_size * image_size, num_classes, **options)
+        return MLP(in_channels * h * w, num_classes, **options)
     if name == "lenet":
-        if image_size < 4:
-            raise ValueError(f"lenet needs image_size >= 4, got {image_size}")
+        if min(h, w) < 4:
+            raise ValueError(f"lenet needs images of at least 4x4, got {h}x{w}")
         return LeNet(in_channels, num_classes, image_size, **options)
     raise ValueError(f"model must be 'convnet', 'mlp' or 'lenet', got {name!r}")
