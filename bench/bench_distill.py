@@ -14,7 +14,10 @@ alternate fastdd and reference iterations in one process (median and min); peak 
 On a GPU (``--device cuda``) the same comparison runs there, with CUDA-synchronized timings and
 peak memory from ``torch.cuda.max_memory_allocated``.
 
-    python bench/bench_distill.py [--threads 2] [--iters 6] [--device cpu|cuda] [--out results/bench_distill.md]
+``--steady-malloc`` keeps freed memory in glibc's heap in the timing process: with the
+default allocator, page faults of large temporaries swing these CPU timings by up to 30%.
+
+    python bench/bench_distill.py [--threads 2] [--iters 6] [--steady-malloc] [--device cpu|cuda] [--out FILE]
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import subprocess
 import sys
 import time
 
-from _report import reset_peak_rss, rss_kb, write_report
+from _report import STEADY_MALLOC, reset_peak_rss, rss_kb, write_report
 
 OPTS = dict(width=64, depth=2)
 IPC = 10
@@ -147,6 +150,8 @@ def child(method, impl, what, iters, syn_steps, device):
 
 def run_child(args, *child_args):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if args.steady_malloc and child_args[2] == "time":
+        env.update(STEADY_MALLOC)
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device,
            "--child", *map(str, child_args)]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -160,6 +165,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--iters", type=int, default=6, help="timed iterations per implementation")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--steady-malloc", action="store_true", help="time with freed memory kept in glibc's heap")
     ap.add_argument("--out", default=None)
     ap.add_argument("--child", nargs=5, metavar=("METHOD", "IMPL", "WHAT", "ITERS", "SYN_STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -169,7 +175,8 @@ def main():
     if args.child:
         method, impl, what, iters, syn_steps = args.child
         return child(method, impl, what, int(iters), int(syn_steps), args.device)
-    where = torch.cuda.get_device_name() if args.device == "cuda" else f"{args.threads} CPU threads"
+    where = torch.cuda.get_device_name() if args.device == "cuda" else \
+        f"{args.threads} CPU threads, {'steady' if args.steady_malloc else 'default'} malloc"
     lines = [f"# Distillation per iteration, digits ipc {IPC}, ConvNet width 64 depth 2 ({where}, "
              f"torch {torch.__version__})", "",
              "| method | implementation | s/iter (median) | s/iter (min) | peak MB | speed-up (median) |",

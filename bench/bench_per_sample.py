@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from _report import reset_peak_rss, rss_kb, write_report
+from _report import STEADY_MALLOC, reset_peak_rss, rss_kb, write_report
 
 WORKLOADS = {
     "mlp": "MLP 784-512-256-10, B=256",
@@ -225,9 +225,6 @@ def child(workload, consumer, methods, threads, repeat, what):
 
 
 # --------------------------------------------------------------------------- parent side
-STEADY_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
-
-
 def _run_child(workload, consumer, method, threads, repeat, what, env):
     cmd = [sys.executable, os.path.abspath(__file__), "--child", workload, consumer, method, what,
            "--threads", str(threads), "--repeat", str(repeat)]
