@@ -55,6 +55,27 @@ def test_grad_distance_matches_reference(monkeypatch, backend, metric, shapes, C
     _check_grad_distance(C, shapes, metric, "cpu")
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grad_distance_low_precision_and_strided_inputs(monkeypatch, backend, dtype):
+    """bf16/fp16 gradients (accumulated in fp32) and strided views give the fp32 answer on the same values."""
+    _backend(monkeypatch, backend)
+    shapes = LAYER_SHAPES[1]
+    real, syn = _grad_layers(3, shapes, "cpu", seed=7)
+    layout = SegmentLayout.of_shapes(shapes, "cpu")
+    wide = torch.stack([pack(real), pack(syn)], dim=2).to(dtype)  # [C, P, 2]: each side is a strided view
+    a, b = wide[..., 0].requires_grad_(False), wide[..., 1].clone().requires_grad_(True)
+    assert not wide[..., 0].is_contiguous()
+    got = classwise_grad_distance(a, b, layout, "ours")
+    (g_got,) = torch.autograd.grad(got.sum(), b)
+    b32 = b.detach().float().requires_grad_(True)
+    expected = classwise_grad_distance(a.float(), b32, layout, "ours")
+    (g_exp,) = torch.autograd.grad(expected.sum(), b32)
+    assert g_got.dtype == dtype
+    assert_close(got, expected, atol=1e-4, rtol=1e-4, name="distance")
+    assert_close(g_got, g_exp, atol=2e-3 * g_exp.abs().max().item(), rtol=1e-2, name="grad")  # one rounding to dtype
+
+
 def test_grad_distance_is_zero_for_equal_gradients_and_orders_mismatch():
     real, _ = _grad_layers(2, LAYER_SHAPES[0], "cpu", seed=1)
     layout = SegmentLayout.of_shapes(LAYER_SHAPES[0], "cpu")

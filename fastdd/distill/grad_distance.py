@@ -171,7 +171,12 @@ def classwise_grad_distance(real: torch.Tensor, syn: torch.Tensor, layout: Segme
                             metric: str = "ours") -> torch.Tensor:
     """Distances ``[C]`` between packed real and synthetic gradients ``[C, P]`` (see module doc).
 
-    Differentiable in both inputs (one fused backward pass per input that needs it).
+    Differentiable in both inputs (one fused backward pass per input that needs it)::
+
+        layers = [p for p in net.parameters() if p.dim() > 1]             # bias/norm ignored
+        layout = SegmentLayout.of_shapes([tuple(p.shape) for p in layers], device)
+        real = pack([g_real[n] for n in names])                          # [C, P] from [C, *shape]
+        loss = classwise_grad_distance(real, pack(syn_grads), layout).sum()
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")

@@ -204,7 +204,10 @@ def class_mmd(real: torch.Tensor, real_counts: torch.Tensor, syn: torch.Tensor, 
 
     ``real_counts`` / ``syn_counts`` give each class's number of rows (rows sorted by class).
     ``kernel="linear"`` is DM's ``||mean_real - mean_syn||^2``; ``"rbf"`` uses
-    ``exp(-gamma ||x - y||^2)`` with ``gamma`` by the median heuristic on ``real`` when None.
+    ``exp(-gamma ||x - y||^2)`` with ``gamma`` by the median heuristic on ``real`` when None::
+
+        f_real, f_syn = embed(real_images), embed(syn_images)          # rows grouped by class
+        loss = class_mmd(f_real, torch.bincount(real_labels), f_syn, torch.full((C,), ipc)).sum()
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
