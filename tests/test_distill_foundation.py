@@ -335,3 +335,24 @@ def test_images_the_model_cannot_take_are_refused_up_front(digits):
     # non-square images are fine: the network is built for H x W
     images, _ = DistributionMatching(X[:, :, :, :6], y, 1, model_options=dict(width=8, depth=2)).run(1)
     assert images.shape == (10, 1, 8, 6)
+
+
+@pytest.mark.parametrize("method", ["dd", "dc", "dm", "mtt"])
+def test_every_method_starts_from_real_images_or_noise(digits, experts, method):
+    from fastdd.distill import DistributionMatching, GradientMatching, MetaLearning, TrajectoryMatching
+
+    X, y = digits.X_train, digits.y_train
+    kw = dict(model_options=dict(width=32, depth=2), seed=3)
+    make = {"dd": lambda **o: MetaLearning(X, y, 2, inner_steps=2, **kw, **o),
+            "dc": lambda **o: GradientMatching(X, y, 2, outer_loop=1, inner_loop=1, batch_real=16, **kw, **o),
+            "dm": lambda **o: DistributionMatching(X, y, 2, batch_real=16, **kw, **o),
+            "mtt": lambda **o: TrajectoryMatching(X, y, 2, experts, syn_steps=2, expert_epochs=2, max_start_epoch=3,
+                                                  **kw, **o)}[method]
+    real, noise = make(init="real"), make(init="noise")
+    rows = (X.flatten(1)[None] == real.images.detach().flatten(1)[:, None]).all(-1).any(-1)
+    assert rows.all()  # each starting image is one of the training images
+    assert not (X.flatten(1)[None] == noise.images.detach().flatten(1)[:, None]).all(-1).any()
+    assert abs(float(noise.images.detach().std()) - 1.0) < 0.2
+    noise.step()
+    with pytest.raises(ValueError, match="init must be 'real' or 'noise'"):
+        make(init="zeros")

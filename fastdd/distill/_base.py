@@ -10,7 +10,7 @@ from ..models import get_model
 
 class Distiller:
     """Base of DD, DC/DSA, DM and MTT. Subclasses call :meth:`_setup`, create ``self.images``
-    (``_real_images``), list their learnable tensors in ``_learned`` and optimizers in
+    (``_initial_images``), list their learnable tensors in ``_learned`` and optimizers in
     ``_optimizers``, and implement ``step()``."""
 
     description = "distilling"
@@ -47,10 +47,16 @@ class Distiller:
             raise ValueError(f"images of {C} x {H} x {W} do not fit model {self.model!r} with "
                              f"{self.model_options or 'default options'}: {exc}") from exc
 
-    def _real_images(self) -> torch.Tensor:
-        """``ipc`` random real images of each class, as a leaf to optimize."""
-        picks = torch.cat([rows[torch.randperm(len(rows), generator=self.gen)[:self.ipc]] for rows in self.by_class])
-        return self.X[picks].clone().requires_grad_(True)
+    def _initial_images(self, init: str = "real") -> torch.Tensor:
+        """The synthetic images to optimize, as a leaf: ``ipc`` random real images of each class
+        (``"real"``) or standard Gaussian noise (``"noise"``)."""
+        if init == "real":
+            picks = torch.cat([rows[torch.randperm(len(rows), generator=self.gen)[:self.ipc]] for rows in self.by_class])
+            return self.X[picks].clone().requires_grad_(True)
+        if init == "noise":
+            shape = (self.num_classes * self.ipc, *self.X.shape[1:])
+            return torch.randn(shape, generator=self.gen).to(self.X).requires_grad_(True)
+        raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
 
     def _fresh_net(self, seed: int | None = None):
         """A randomly initialized network (seeded from the run's generator; the caller's RNG is untouched)."""

@@ -42,7 +42,8 @@ class GradientMatching(Distiller):
     """Distill ``(X, y)`` into ``ipc`` images per class by gradient matching (DC, or DSA with ``dsa``).
 
     ``outer_loop``/``inner_loop`` default to the paper's by ipc (1: 1/1, 10: 10/50, 50: 50/10;
-    others 10/10). ``step()`` runs one iteration (a fresh network); ``state_dict()`` /
+    others 10/10). ``init``: ``"real"`` images of each class (default) or ``"noise"``.
+    ``step()`` runs one iteration (a fresh network); ``state_dict()`` /
     ``load_state_dict()`` resume exactly.
     """
 
@@ -51,14 +52,14 @@ class GradientMatching(Distiller):
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  batch_real: int = 256, lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  outer_loop: int | None = None, inner_loop: int | None = None, metric: str = "ours",
-                 dsa: DSA | None = None, seed: int = 0):
+                 dsa: DSA | None = None, init: str = "real", seed: int = 0):
         if metric not in METRICS:
             raise ValueError(f"metric must be 'ours', 'mse' or 'cos', got {metric!r}")
         self._setup(X, y, ipc, model, model_options, seed)
         outer, inner = LOOPS_BY_IPC.get(ipc, (10, 10))
         self.outer_loop, self.inner_loop = outer_loop or outer, inner_loop if inner_loop is not None else inner
         self.batch_real, self.lr_net, self.metric, self.dsa = batch_real, lr_net, metric, dsa
-        self.images = self._real_images()
+        self.images = self._initial_images(init)
         self.opt = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
 
     def _real_grads(self, net, names, params, real, labels) -> torch.Tensor:

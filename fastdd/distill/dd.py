@@ -26,6 +26,7 @@ class MetaLearning(Distiller):
 
     Args:
         inner_steps: unrolled (differentiated) SGD steps on the synthetic set per iteration.
+        init: ``"real"`` images of each class (default) or ``"noise"``.
         max_unroll: most inner steps in total (None: ``inner_steps``, plain DD); the steps
             before the last ``inner_steps`` run without a graph.
         batch_real: real images in each outer loss.
@@ -38,7 +39,8 @@ class MetaLearning(Distiller):
 
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  inner_steps: int = 10, batch_real: int = 256, lr_img: float = 0.05, lr_lr: float = 0.01,
-                 lr_init: float = 0.02, fixed_init: bool = False, max_unroll: int | None = None, seed: int = 0):
+                 lr_init: float = 0.02, fixed_init: bool = False, max_unroll: int | None = None, init: str = "real",
+                 seed: int = 0):
         check_positive_int(inner_steps, "inner_steps")
         if max_unroll is not None and (not isinstance(max_unroll, int) or max_unroll < inner_steps):
             raise ValueError(f"max_unroll must be an int >= inner_steps ({inner_steps}), got {max_unroll!r}")
@@ -46,7 +48,7 @@ class MetaLearning(Distiller):
         self._setup(X, y, ipc, model, model_options, seed)
         self.inner_steps, self.batch_real, self.fixed_init = inner_steps, batch_real, fixed_init
         self.init_seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
-        self.images = self._real_images()
+        self.images = self._initial_images(init)
         self.log_lr = torch.tensor(float(torch.log(torch.tensor(lr_init))), device=X.device, requires_grad=True)
         self.opt = torch.optim.Adam([{"params": [self.images], "lr": lr_img}, {"params": [self.log_lr], "lr": lr_lr}])
 

@@ -41,17 +41,12 @@ class DistributionMatching(Distiller):
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  batch_real: int = 256, lr_img: float = 1.0, momentum: float = 0.5, dsa: DSA | None = DSA(),
                  init: str = "real", kernel: str = "linear", gamma: float | None = None, seed: int = 0):
-        if init not in ("real", "noise"):
-            raise ValueError(f"init must be 'real' or 'noise', got {init!r}")
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.kernel, self.gamma = kernel, gamma
         self._setup(X, y, ipc, model, model_options, seed)
         self.batch_real, self.dsa = batch_real, dsa
-        if init == "real":
-            self.images = self._real_images()
-        else:
-            self.images = torch.randn((self.num_classes * ipc, *X.shape[1:]), generator=self.gen).to(X).requires_grad_(True)
+        self.images = self._initial_images(init)
         self.opt = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
 
     def _embedder(self):

@@ -82,6 +82,7 @@ class TrajectoryMatching(Distiller):
         lr_img, lr_lr: SGD rates of the images and of ``log_lr`` (defaults 100 and 0.01, set on
             standardized 8x8 digits); ``lr_init``: the starting synthetic learning rate (the
             experts' 0.01).
+        init: ``"real"`` images of each class (default) or ``"noise"``.
         low_memory: recompute each student step in the backward instead of keeping all
             ``syn_steps`` graphs (same result; memory of one step).
     """
@@ -91,7 +92,8 @@ class TrajectoryMatching(Distiller):
     def __init__(self, X: torch.Tensor, y, ipc: int, experts: list, model: str = "convnet",
                  model_options: dict | None = None, syn_steps: int = 10, expert_epochs: int = 2,
                  max_start_epoch: int = 5, lr_img: float = 100.0, lr_lr: float = 0.01, lr_init: float = 0.01,
-                 momentum: float = 0.5, dsa: DSA | None = None, low_memory: bool = False, seed: int = 0):
+                 momentum: float = 0.5, dsa: DSA | None = None, low_memory: bool = False, init: str = "real",
+                 seed: int = 0):
         self._setup(X, y, ipc, model, model_options, seed)
         if not experts:
             raise ValueError("experts is empty: train them with train_experts()")
@@ -107,7 +109,7 @@ class TrajectoryMatching(Distiller):
         self.sizes = [p.numel() for p in self.net.parameters()]
         if sum(self.sizes) != experts[0].shape[1]:
             raise ValueError(f"the experts have {experts[0].shape[1]} parameters but the model has {sum(self.sizes)}")
-        self.images = self._real_images()
+        self.images = self._initial_images(init)
         self.log_lr = torch.tensor(float(torch.log(torch.tensor(lr_init))), device=X.device, requires_grad=True)
         self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
         self.opt_lr = torch.optim.SGD([self.log_lr], lr=lr_lr, momentum=momentum)
