@@ -38,6 +38,37 @@ def match_distance(g_real: dict, g_syn: dict, metric: str = "ours") -> torch.Ten
     return classwise_grad_distance(real, syn, layout, metric)[0]
 
 
+def synthetic_class_grads(net: torch.nn.Module, names: list[str], images: torch.Tensor, labels: torch.Tensor,
+                          num_classes: int, batched: bool = True) -> torch.Tensor:
+    """Packed ``[C, P]`` gradient of each class's synthetic loss, differentiable in ``images``.
+
+    ``images [C * ipc, ...]`` and ``labels`` are grouped by class. ``batched``: one
+    ``vmap(grad)`` over the classes (1.8x faster than a loop of ``create_graph`` backwards
+    for the digits ConvNet on 2 CPU threads, and one launch sequence instead of C on a GPU);
+    networks with BatchNorm (batch statistics, running buffers) take the per-class loop.
+    """
+    named = dict(net.named_parameters())
+    if batched and not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        from torch.func import functional_call, grad, vmap
+
+        selected = {n: named[n] for n in names}
+        fixed = {**{n: p for n, p in named.items() if n not in selected}, **dict(net.named_buffers())}
+
+        def loss(p, x, y):
+            return F.cross_entropy(functional_call(net, {**p, **fixed}, (x,)), y)
+
+        by_class = images.reshape(num_classes, -1, *images.shape[1:])
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(selected, by_class, labels.view(num_classes, -1))
+        return pack([g[n] for n in names])
+    params, ipc = [named[n] for n in names], len(labels) // num_classes
+    per_class = []
+    for c in range(num_classes):
+        rows = slice(c * ipc, (c + 1) * ipc)
+        grads = torch.autograd.grad(F.cross_entropy(net(images[rows]), labels[rows]), params, create_graph=True)
+        per_class.append(torch.cat([g.flatten() for g in grads]))
+    return torch.stack(per_class)
+
+
 class GradientMatching(Distiller):
     """Distill ``(X, y)`` into ``ipc`` images per class by gradient matching (DC, or DSA with ``dsa``).
 
@@ -98,13 +129,8 @@ class GradientMatching(Distiller):
             if self.dsa is not None:
                 real, syn = self.dsa(real, syn, self.gen)
             g_real = self._real_grads(net, names, params, real, real_labels)
-            g_syn = [[] for _ in names]
-            for c in range(self.num_classes):  # synthetic side: differentiable in the images
-                rows = slice(c * self.ipc, (c + 1) * self.ipc)
-                l_syn = F.cross_entropy(net(syn[rows]), self.labels[rows])
-                for layer, g in zip(g_syn, torch.autograd.grad(l_syn, params, create_graph=True)):
-                    layer.append(g)
-            loss = classwise_grad_distance(g_real, pack([torch.stack(g) for g in g_syn]), layout, self.metric).sum()
+            g_syn = synthetic_class_grads(net, names, syn, self.labels, self.num_classes)
+            loss = classwise_grad_distance(g_real, g_syn, layout, self.metric).sum()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite gradient-matching loss at iteration {self.iteration}")
             self.opt.zero_grad()
