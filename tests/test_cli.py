@@ -93,3 +93,20 @@ def test_help_shows_every_option_with_its_default(capsys):
 def test_python_dash_m_runs():
     res = subprocess.run([sys.executable, "-m", "fastdd", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "distill" in res.stdout and "value" in res.stdout
+
+
+def test_value_influence_finds_a_flipped_label_and_tmc_resumes(tmp_path):
+    data = tmp_path / "d.npz"
+    _blobs(data, n=40, flip=11)
+    out = tmp_path / "self.npy"
+    assert main(["value", "--data", str(data), "--method", "influence", "--influence", "self", "--epochs", "30",
+                 "--out", str(out)]) == 0
+    assert int(np.load(out).argmax()) == 11  # the mislabelled point is the one the model bends to
+    ck, tmc = tmp_path / "tmc.pt", tmp_path / "tmc.npy"
+    common = ["value", "--data", str(data), "--method", "tmc", "--no-progress", "--out", str(tmc)]
+    assert main(common + ["--permutations", "3", "--checkpoint", str(ck)]) == 0
+    assert main(common + ["--permutations", "6", "--checkpoint", str(ck), "--resume"]) == 0
+    resumed = np.load(tmc)
+    assert main(common + ["--permutations", "6"]) == 0
+    np.testing.assert_allclose(resumed, np.load(tmc), rtol=1e-6)  # resumed = uninterrupted
+    assert np.abs(resumed).max() > 0
