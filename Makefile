@@ -28,6 +28,7 @@ bench: venv
 	$(BIN)/python bench/bench_per_sample.py --out results/bench_per_sample.md
 	$(BIN)/python bench/bench_pruning.py --out results/bench_pruning.md
 	$(BIN)/python bench/bench_valuation.py --out results/bench_valuation.md
+	$(BIN)/python bench/bench_distill.py --steady-malloc --out results/bench_distill.md
 
 clean:
 	rm -rf $(VENV) results .pytest_cache .benchmarks
