@@ -71,7 +71,8 @@ def cmd_distill(args) -> None:
     _out_dir(args.out)
     data = _load(args)
     X = _images(data.X_train, "distill")
-    options = {"model_options": {"width": args.width, "depth": args.depth} if args.model == "convnet" else {}}
+    options = {"model_options": {"width": args.width, "depth": args.depth} if args.model == "convnet" else {},
+               "init": args.init}
     if args.low_memory:
         if args.method != "mtt":
             raise UsageError("--low-memory applies to --method mtt")
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
     p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's, 200)")
     p.add_argument("--model", default="convnet", choices=["convnet", "mlp", "lenet"], help="network")
+    p.add_argument("--init", default="real", choices=["real", "noise"], help="start from real images or noise")
     p.add_argument("--width", type=int, default=64, help="ConvNet width")
     p.add_argument("--depth", type=int, default=2, help="ConvNet depth")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="save progress here every 20 iterations")

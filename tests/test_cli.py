@@ -51,6 +51,9 @@ def test_distill_resume_equals_uninterrupted(tmp_path):
     assert main(common + ["--iterations", "4", "--out", str(b)]) == 0
     resumed, straight = SyntheticSet.load(str(a)), SyntheticSet.load(str(b))
     assert torch.equal(resumed.images, straight.images) and resumed.info["iterations"] == 4
+    noise = tmp_path / "n.pt"
+    assert main(common + ["--iterations", "1", "--init", "noise", "--out", str(noise)]) == 0
+    assert not torch.equal(SyntheticSet.load(str(noise)).images, straight.images)
 
 
 @pytest.mark.parametrize("case,message", [
