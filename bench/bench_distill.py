@@ -114,11 +114,10 @@ def child(method, impl, what, iters, syn_steps, device):
 
     cuda = device == "cuda"
     eng = _engine(method, syn_steps, device, low_memory=impl == "low_memory")
-    if impl == "low_memory":
-        impl = "fastdd"
-    steps = {"fastdd": eng.step, "reference": {"dc": dc_reference_step, "dm": dm_reference_step}.get(method)}
+    reference = {"dc": dc_reference_step, "dm": dm_reference_step}.get(method)
+    fns = {"fastdd": eng.step, "reference": lambda: reference(eng)}
     if what == "memory":
-        fn = steps[impl] if impl == "fastdd" else (lambda: steps[impl](eng))
+        fn = fns["reference" if impl == "reference" else "fastdd"]  # "low_memory" is MTT's fastdd step
         if cuda:
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
@@ -132,7 +131,6 @@ def child(method, impl, what, iters, syn_steps, device):
         fn()
         print(json.dumps({"peak_mb": (rss_kb("VmHWM") - base) / 1024}))
         return
-    fns = {"fastdd": eng.step, "reference": lambda: steps["reference"](eng)}
     for f in fns.values():  # warm-up
         f()
     times = {k: [] for k in fns}

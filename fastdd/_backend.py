@@ -68,6 +68,21 @@ def _check_usable(backend: str, device: torch.device) -> None:
     _ext.load(raise_on_error=True)
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """The handle of the current CUDA stream on ``t``'s device, as the CUDA launchers take it."""
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def pick_for(t: torch.Tensor) -> str:
+    """:func:`pick` for an op on ``t``, falling back to torch for dtypes the kernels do not
+    take (float64 stays on the exact reference path)."""
+    backend = pick(t.device)
+    return "torch" if backend != "torch" and t.dtype not in KERNEL_DTYPES else backend
+
+
 def pick(device: torch.device | str) -> str:
     """The backend for an op whose tensors live on ``device``."""
     device = torch.device(device)

@@ -58,6 +58,14 @@ def _out_dir(path: str) -> None:
         raise UsageError(f"--out {path}: the folder {folder} does not exist")
 
 
+def _check_resume(args) -> None:
+    """--resume needs a --checkpoint, and an existing checkpoint needs --resume (no silent overwrite)."""
+    if args.resume and not args.checkpoint:
+        raise UsageError("--resume needs --checkpoint PATH")
+    if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
+        raise UsageError(f"--checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
+
+
 def _images(X, what: str):
     if X.dim() != 4:
         raise UsageError(f"{what} needs images [N, C, H, W]; the data has shape {tuple(X.shape)}")
@@ -77,10 +85,7 @@ def cmd_distill(args) -> None:
         if args.method != "mtt":
             raise UsageError("--low-memory applies to --method mtt")
         options["low_memory"] = True
-    if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
-        raise UsageError(f"--checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
-    if args.resume and not args.checkpoint:
-        raise UsageError("--resume needs --checkpoint PATH")
+    _check_resume(args)
     try:
         syn = distill(X, data.y_train, args.method, args.ipc, model=args.model, iterations=args.iterations,
                       seed=args.seed, checkpoint=args.checkpoint, progress=not args.no_progress, **options)
@@ -116,10 +121,7 @@ def cmd_value(args) -> None:
     if not args.out.endswith((".npy", ".csv")):
         raise UsageError(f"--out {args.out}: write scores to a .npy or .csv file")
     _out_dir(args.out)
-    if args.resume and not args.checkpoint:
-        raise UsageError("--resume needs --checkpoint PATH")
-    if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
-        raise UsageError(f"--checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
+    _check_resume(args)
     data = _load(args)
     Xtr, Xte = data.X_train.flatten(1), data.X_test.flatten(1)
     try:

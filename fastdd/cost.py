@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def flops_per_sample(model: nn.Module, sample: torch.Tensor, num_classes: int | None = None) -> int:
+def flops_per_sample(model: nn.Module, sample: torch.Tensor) -> int:
     """Counted FLOPs of one forward and backward (cross-entropy) pass of ``sample`` (one item, no batch dim).
 
     The model's parameters and buffers are left as they were (the gradients go nowhere).

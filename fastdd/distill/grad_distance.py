@@ -86,16 +86,9 @@ def row_axpby_ref(a, b, c1, c2, layout: SegmentLayout) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- dispatch
-def _backend_for(a: torch.Tensor) -> str:
-    backend = _backend.pick(a.device)
-    if backend != "torch" and a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return "torch"  # float64 stays on the reference path
-    return backend
-
-
 def row_stats(a: torch.Tensor, b: torch.Tensor, layout: SegmentLayout) -> torch.Tensor:
     """Dispatching :func:`row_stats_ref`."""
-    backend = _backend_for(a)
+    backend = _backend.pick_for(a)
     if backend == "torch":
         return row_stats_ref(a, b, layout)
     a, b = a.contiguous(), b.contiguous()
@@ -107,13 +100,13 @@ def row_stats(a: torch.Tensor, b: torch.Tensor, layout: SegmentLayout) -> torch.
 
     out = torch.empty(a.shape[0], layout.offsets.numel(), 4, dtype=torch.float32, device=a.device)
     _ext.load(raise_on_error=True).row_stats(a.float(), b.float(), layout.offsets, layout.lengths, out,
-                                             torch.cuda.current_stream(a.device).cuda_stream)
+                                             _backend.cuda_stream(a))
     return out
 
 
 def row_axpby(a, b, c1, c2, layout: SegmentLayout) -> torch.Tensor:
     """Dispatching :func:`row_axpby_ref`."""
-    backend = _backend_for(a)
+    backend = _backend.pick_for(a)
     if backend == "torch":
         return row_axpby_ref(a, b, c1, c2, layout)
     a, b, c1, c2 = a.contiguous(), b.contiguous(), c1.float().contiguous(), c2.float().contiguous()
@@ -126,7 +119,7 @@ def row_axpby(a, b, c1, c2, layout: SegmentLayout) -> torch.Tensor:
 
     out = torch.empty_like(a, dtype=torch.float32) if tiles else torch.zeros_like(a, dtype=torch.float32)
     _ext.load(raise_on_error=True).row_axpby(a.float(), b.float(), c1, c2, layout.offsets, layout.lengths, out,
-                                             torch.cuda.current_stream(a.device).cuda_stream)
+                                             _backend.cuda_stream(a))
     return out.to(a.dtype)
 
 

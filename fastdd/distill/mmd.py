@@ -32,17 +32,6 @@ def _row_classes(seg: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(seg.numel() - 1, device=seg.device), seg.diff())
 
 
-def _backend_for(x: torch.Tensor) -> str:
-    backend = _backend.pick(x.device)
-    if backend != "torch" and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return "torch"
-    return backend
-
-
-def _stream(x):
-    return torch.cuda.current_stream(x.device).cuda_stream
-
-
 # --------------------------------------------------------------------------- per-class means
 def segment_mean_ref(x: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """``[C, D]`` fp32 mean row of each class (zeros for an empty class)."""
@@ -56,7 +45,7 @@ class _SegmentMean(torch.autograd.Function):
     def forward(ctx, x, seg):
         ctx.save_for_backward(seg)
         ctx.n_rows, ctx.dtype = x.shape[0], x.dtype
-        backend = _backend_for(x)
+        backend = _backend.pick_for(x)
         if backend == "torch":
             return segment_mean_ref(x, seg)
         x = x.contiguous()
@@ -67,14 +56,14 @@ class _SegmentMean(torch.autograd.Function):
         from .. import _ext
 
         out = torch.empty(seg.numel() - 1, x.shape[1], dtype=torch.float32, device=x.device)
-        _ext.load(raise_on_error=True).segment_mean(x.float(), seg, out, _stream(x))
+        _ext.load(raise_on_error=True).segment_mean(x.float(), seg, out, _backend.cuda_stream(x))
         return out
 
     @staticmethod
     def backward(ctx, g):
         (seg,) = ctx.saved_tensors
         g = g.float().contiguous()
-        backend = _backend_for(g)
+        backend = _backend.pick_for(g)
         if backend == "torch":
             grad = (g / seg.diff().clamp_min(1).unsqueeze(1))[_row_classes(seg)]
         elif backend == "triton":
@@ -85,7 +74,7 @@ class _SegmentMean(torch.autograd.Function):
             from .. import _ext
 
             grad = torch.empty(ctx.n_rows, g.shape[1], dtype=torch.float32, device=g.device)
-            _ext.load(raise_on_error=True).segment_mean_bwd(g, seg, grad, _stream(g))
+            _ext.load(raise_on_error=True).segment_mean_bwd(g, seg, grad, _backend.cuda_stream(g))
         return grad.to(ctx.dtype), None
 
 
@@ -123,7 +112,7 @@ def rbf_grad_q_ref(q, k, wq, wk, qseg, kseg, gamma: float) -> torch.Tensor:
 
 
 def _rbf_backend(x):
-    backend = _backend_for(x)
+    backend = _backend.pick_for(x)
     if backend == "cuda" and x.shape[1] > CUDA_RBF_MAX_D:
         return "triton"  # the CUDA kernel keeps a row in shared memory
     return backend
@@ -141,7 +130,7 @@ def _rbf_sums(q, k, qseg, kseg, gamma):
     from .. import _ext
 
     out = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
-    _ext.load(raise_on_error=True).rbf(q, k, _row_classes(qseg), kseg, None, None, out, gamma, _stream(q))
+    _ext.load(raise_on_error=True).rbf(q, k, _row_classes(qseg), kseg, None, None, out, gamma, _backend.cuda_stream(q))
     return out
 
 
@@ -158,7 +147,7 @@ def _rbf_grad(q, k, wq, wk, qseg, kseg, gamma):
     from .. import _ext
 
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    _ext.load(raise_on_error=True).rbf(q, k, _row_classes(qseg), kseg, wq, wk, out, gamma, _stream(q))
+    _ext.load(raise_on_error=True).rbf(q, k, _row_classes(qseg), kseg, wq, wk, out, gamma, _backend.cuda_stream(q))
     return out
 
 

@@ -103,7 +103,7 @@ def psg_linear(A: torch.Tensor, G: torch.Tensor, out: torch.Tensor | None = None
         return psg_linear_fwd(A, G, out)
     from .. import _ext
 
-    _ext.load(raise_on_error=True).psg_linear(A, G, out, _stream(A))
+    _ext.load(raise_on_error=True).psg_linear(A, G, out, _backend.cuda_stream(A))
     return out
 
 
@@ -150,7 +150,7 @@ def psg_linear_sqnorm(A: torch.Tensor, G: torch.Tensor, chunk_size: int | None =
 
     B = A.shape[0]
     out = torch.zeros(B, dtype=torch.float32, device=A.device)
-    _ext.load(raise_on_error=True).psg_linear_sqnorm(A, G, out, _stream(A))
+    _ext.load(raise_on_error=True).psg_linear_sqnorm(A, G, out, _backend.cuda_stream(A))
     return out
 
 
@@ -200,9 +200,5 @@ def psg_linear_dot(A: torch.Tensor, G: torch.Tensor, V: torch.Tensor, chunk_size
     from .. import _ext
 
     out = torch.zeros(A.shape[0], V.shape[0], dtype=torch.float32, device=A.device)
-    _ext.load(raise_on_error=True).psg_linear_dot(A, G, V.contiguous(), out, _stream(A))
+    _ext.load(raise_on_error=True).psg_linear_dot(A, G, V.contiguous(), out, _backend.cuda_stream(A))
     return out
-
-
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream

@@ -52,7 +52,7 @@ def cg_update_xr(x, r, p, ap, alpha, inv_diag=None) -> torch.Tensor:
     from .. import _ext
 
     return _ext.load(raise_on_error=True).cg_update_xr(
-        x, r, p, ap.contiguous(), alpha, inv_diag, torch.cuda.current_stream(x.device).cuda_stream)
+        x, r, p, ap.contiguous(), alpha, inv_diag, _backend.cuda_stream(x))
 
 
 def cg_update_p(p, r, beta, inv_diag=None) -> torch.Tensor:
@@ -67,7 +67,7 @@ def cg_update_p(p, r, beta, inv_diag=None) -> torch.Tensor:
         return cg_update_p_fwd(p, r, beta, inv_diag)
     from .. import _ext
 
-    _ext.load(raise_on_error=True).cg_update_p(p, r, beta, inv_diag, torch.cuda.current_stream(p.device).cuda_stream)
+    _ext.load(raise_on_error=True).cg_update_p(p, r, beta, inv_diag, _backend.cuda_stream(p))
     return p
 
 
