@@ -4,7 +4,10 @@ Times per_sample_grads and per_sample_grad_norms on the MLP and the DC ConvNet w
 CUDA events (median of 20 after warm-up), and the peak memory of each call. Needs a
 CUDA device.
 
-    python bench/bench_gpu_engine.py [--out FILE]
+    python bench/bench_gpu_engine.py [--out FILE] [--profile FILE]
+
+``--profile`` also writes torch.profiler's kernel tables of one ConvNet per-sample
+gradient call by vmap and by fastdd (the fastest backend), to see where each spends.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ def timed(fn, repeat=20):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", default=None, help="file for the ConvNet kernel tables")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_gpu_engine needs a CUDA device")
@@ -46,6 +50,7 @@ def main():
     backends = ["torch", "triton"] + (["cuda"] if _ext.load() is not None else [])
     lines = [f"# Per-sample gradients on {torch.cuda.get_device_name()} (torch {torch.__version__})", "",
              "| workload | consumer | method | ms (median) | peak MiB | vs vmap |", "|---|---|---|---|---|---|"]
+    fastest = {}
     for name, (model, x) in workloads.items():
         model, x = model.cuda(), x.cuda()
         y = torch.randint(0, 10, (x.shape[0],), device="cuda")
@@ -68,9 +73,41 @@ def main():
                     (lambda: fastdd.per_sample_grad_norms(model, x, y))
                 t, m = timed(fn)
                 lines.append(f"| {name} | {consumer} | fastdd ({b}) | {t:.2f} | {m:.0f} | {t_ref / t:.2f}x |")
+                if consumer == "grads" and t < fastest.get(name, (float("inf"),))[0]:
+                    fastest[name] = (t, b, model, x, y, ref)
             os.environ.pop("FASTDD_BACKEND", None)
     print("\n".join(lines))
     write_report(args.out, lines)
+    if args.profile:
+        conv = next(k for k in fastest if k.startswith("ConvNet"))
+        _, b, model, x, y, ref = fastest[conv]
+        os.environ["FASTDD_BACKEND"] = b
+        tables = [f"# Kernel tables: {conv}, per-sample gradients", ""]
+        calls = [("vmap", ref), (f"fastdd ({b})", lambda: fastdd.per_sample_grads(model, x, y))]
+        for label, fn in calls:
+            tables += [f"## {label}", "", "```", profile_table(fn), "```", ""]
+        # does cuDNN's autotuner find a better algorithm for the batch-as-groups convolution?
+        torch.backends.cudnn.benchmark = True
+        for label, fn in calls:
+            tables.append(f"- with cudnn.benchmark: {label} {timed(fn)[0]:.2f} ms")
+        torch.backends.cudnn.benchmark = False
+        os.environ.pop("FASTDD_BACKEND", None)
+        write_report(args.profile, tables)
+
+
+def profile_table(fn, rows=25) -> str:
+    """torch.profiler's table of one warm call, kernels sorted by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    try:
+        return prof.key_averages().table(sort_by="device_time_total", row_limit=rows, max_name_column_width=70)
+    except (AttributeError, KeyError):  # older torch names it after CUDA
+        return prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70)
 
 
 if __name__ == "__main__":

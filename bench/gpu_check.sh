@@ -18,19 +18,35 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$sum"; }
 } >> "$sum" 2>&1
 # fastdd itself as a wheel into a folder of its own, without touching the machine's torch or
 # triton (an editable install asks the registry for setuptools; that machine has no network).
+# The wheel carries the prebuilt extension (FASTDD_BUILD_CUDA=1, the user's prebuild path);
+# if that build fails, a plain wheel and the first-use JIT build are checked instead.
 # PYTHONSAFEPATH keeps the source tree's fastdd/ (which lacks fastdd.csrc) off sys.path.
-site=$(mktemp -d)
-$PY -m pip install -q --no-deps --no-build-isolation --target "$site" . >> "$log" 2>&1 || stamp "pip install failed (see log.txt)"
+site=$(mktemp -d) whl=$(mktemp -d)
+if FASTDD_BUILD_CUDA=1 timeout 300 $PY -m pip wheel --no-deps --no-build-isolation -w "$whl" . > "$out/build.log" 2>&1; then
+  stamp "prebuilt wheel: $(ls "$whl")"
+  expect=prebuilt
+else
+  stamp "PREBUILD FAILED (see build.log); plain wheel + JIT build"
+  rm -rf "$whl"/* build
+  $PY -m pip wheel -q --no-deps --no-build-isolation -w "$whl" . >> "$log" 2>&1
+  expect=jit
+fi
+$PY -m pip install -q --no-deps --target "$site" "$whl"/*.whl >> "$log" 2>&1 || stamp "pip install failed (see log.txt)"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-PYTHONSAFEPATH=1 timeout 200 $PY -c "from fastdd import _ext; m = _ext.load(raise_on_error=True); print('extension loaded:', m)" \
-  > "$out/build.log" 2>&1 && stamp "extension built" || stamp "BUILD FAILED (see build.log)"
+PYTHONSAFEPATH=1 timeout 200 $PY -c "
+from fastdd import _ext
+m = _ext.load(raise_on_error=True)
+print('extension loaded:', m.__name__, m.__file__)
+assert (m.__name__ == 'fastdd._C') == ('$expect' == 'prebuilt'), 'wrong extension: ' + m.__name__
+" >> "$out/build.log" 2>&1 && stamp "extension loaded ($expect): $(tail -n 1 "$out/build.log")" || stamp "EXTENSION LOAD FAILED (see build.log)"
 PYTHONSAFEPATH=1 timeout 150 $PY -m pytest -q -rf --tb=short -m gpu tests -p no:cacheprovider > "$out/gpu_tests.txt" 2>&1
 stamp "gpu tests: $(tail -n 1 "$out/gpu_tests.txt")"
-for dt in float32 bfloat16; do
-  timeout 45 $PY bench/bench_kernels.py --dtype $dt --out "$out/bench_kernels_$dt.md" >> "$log" 2>&1
+for dt in float32 bfloat16; do  # one file for both dtypes: the device tool returns 8 files
+  timeout 45 $PY bench/bench_kernels.py --dtype $dt --out "$site/kernels_$dt.md" >> "$log" 2>&1
   stamp "bench_kernels $dt: rc $?"
+  cat "$site/kernels_$dt.md" >> "$out/bench_kernels.md" 2>/dev/null
 done
-timeout 60 $PY bench/bench_gpu_engine.py --out "$out/bench_gpu_engine.md" >> "$log" 2>&1
+timeout 90 $PY bench/bench_gpu_engine.py --out "$out/bench_gpu_engine.md" --profile "$out/profile_convnet.md" >> "$log" 2>&1
 stamp "bench_gpu_engine: rc $?"
 timeout 150 $PY bench/bench_distill.py --device cuda --iters 5 --out "$out/bench_distill.md" >> "$log" 2>&1
 stamp "bench_distill cuda: rc $?"
