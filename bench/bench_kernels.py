@@ -103,8 +103,58 @@ def main():
             lines.append(row)
             print(row, flush=True)
         os.environ.pop("FASTDD_BACKEND", None)
+    conv_kernels(lines, backends, device, dtype)
     distill_kernels(lines, backends, device)
     write_report(args.out, lines)
+
+
+def conv_kernels(lines, backends, device, dtype):
+    """Per-sample Conv2d weight gradients (3x3, padding 1): the torch path's batch-as-groups
+    convolution backward against the Triton implicit GEMM (fp32 follows torch's cuDNN TF32
+    setting in both)."""
+    from fastdd.grad.per_sample_conv import conv_weight_grads
+
+    tf32 = torch.backends.cudnn.allow_tf32
+    lines += ["", f"| B, C_in, C_out, HxW | per-sample conv weight grads (cuDNN TF32 {tf32}) | backend | ms | GFLOP/s | | | |"]
+    print(lines[-1], flush=True)
+    shapes = [(256, 3, 128, 32), (256, 128, 128, 16), (256, 128, 128, 8)] if device == "cuda" else [(64, 64, 64, 8)]
+    for B, C, O, S in shapes:
+        x = torch.randn(B, C, S, S, device=device, dtype=dtype)
+        g = torch.randn(B, O, S, S, device=device, dtype=dtype)
+        out = torch.empty(B, O, C, 3, 3, device=device, dtype=dtype)
+        flops = 2 * B * O * C * 9 * S * S
+        for backend in ["torch"] + (["triton"] if "triton" in backends else []):
+            os.environ["FASTDD_BACKEND"] = backend
+            try:
+                sec = timeit(lambda: conv_weight_grads(x, g, out.shape[1:], (1, 1), (1, 1), (1, 1), 1, out=out), device)
+                row = f"| {B}, {C}, {O}, {S}x{S} | materialize | {backend} | {sec * 1e3:.3f} | {flops / sec / 1e9:.0f} | | | |"
+            except Exception as exc:  # report, keep going
+                row = f"| {B}, {C}, {O}, {S}x{S} | materialize | {backend} | error: {type(exc).__name__}: {exc} | | | | |"
+            lines.append(row)
+            print(row, flush=True)
+        if device == "cuda" and "triton" in backends:
+            lines.append(f"| {B}, {C}, {O}, {S}x{S} | triton configs: " + conv_sweep(x, g, out, device) + " | | | | | | |")
+            print(lines[-1], flush=True)
+    os.environ.pop("FASTDD_BACKEND", None)
+
+
+def conv_sweep(x, g, out, device) -> str:
+    """ms of the Triton conv kernel per (BLOCK_O, BLOCK_K, BLOCK_P, num_warps, num_stages)."""
+    from fastdd.kernels.conv_wgrad import psg_conv2d_wgrad_fwd
+
+    flat = out.view(out.shape[0], out.shape[1], -1)
+    res = []
+    for bo, bk, bp, nw, ns in [(64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (128, 128, 32, 8, 3),
+                               (64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 64, 32, 4, 2), (32, 64, 32, 4, 3)]:
+        if bk > 32 and flat.shape[2] <= 32:
+            continue
+        try:
+            sec = timeit(lambda: psg_conv2d_wgrad_fwd(x, g, (3, 3), (1, 1), (1, 1), (1, 1), flat, BLOCK_O=bo, BLOCK_K=bk,
+                                                      BLOCK_P=bp, num_warps=nw, num_stages=ns), device)
+            res.append(f"{bo}/{bk}/{bp}/w{nw}/s{ns} {sec * 1e3:.3f}")
+        except Exception as exc:  # report, keep going
+            res.append(f"{bo}/{bk}/{bp}/w{nw}/s{ns} error {type(exc).__name__}")
+    return "; ".join(res)
 
 
 def distill_kernels(lines, backends, device):

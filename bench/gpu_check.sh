@@ -2,9 +2,20 @@
 # One prepared GPU check: build the CUDA extension, run the GPU tests and the GPU
 # benchmarks, write every figure to the folder given as $1 (at most 8 files: what the
 # device tool returns). Budget: under 7 minutes on an H200.
-#   bash bench/gpu_check.sh OUT_DIR
+#   bash bench/gpu_check.sh OUT_DIR [--no-ext] [--no-distill]
+# --no-ext skips building the CUDA extension (about a minute: Triton and torch serve CUDA
+# tensors); --no-distill skips the distillation benchmark (about two minutes).
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_check.sh OUT_DIR}
+out=${1:?usage: bash bench/gpu_check.sh OUT_DIR [--no-ext] [--no-distill]}
+shift
+no_ext=0 no_distill=0
+for opt in "$@"; do
+  case $opt in
+    --no-ext) no_ext=1 ;;
+    --no-distill) no_distill=1 ;;
+    *) echo "unknown option $opt" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python)}
@@ -22,7 +33,11 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$sum"; }
 # if that build fails, a plain wheel and the first-use JIT build are checked instead.
 # PYTHONSAFEPATH keeps the source tree's fastdd/ (which lacks fastdd.csrc) off sys.path.
 site=$(mktemp -d) whl=$(mktemp -d)
-if FASTDD_BUILD_CUDA=1 timeout 300 $PY -m pip wheel --no-deps --no-build-isolation -w "$whl" . > "$out/build.log" 2>&1; then
+if [ $no_ext = 1 ]; then
+  export FASTDD_NO_CUDA_EXT=1
+  $PY -m pip wheel -q --no-deps --no-build-isolation -w "$whl" . >> "$log" 2>&1
+  expect=none
+elif FASTDD_BUILD_CUDA=1 timeout 300 $PY -m pip wheel --no-deps --no-build-isolation -w "$whl" . > "$out/build.log" 2>&1; then
   stamp "prebuilt wheel: $(ls "$whl")"
   expect=prebuilt
 else
@@ -33,12 +48,18 @@ else
 fi
 $PY -m pip install -q --no-deps --target "$site" "$whl"/*.whl >> "$log" 2>&1 || stamp "pip install failed (see log.txt)"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
-PYTHONSAFEPATH=1 timeout 200 $PY -c "
+if [ $expect = none ]; then
+  stamp "CUDA extension skipped (--no-ext)"
+elif PYTHONSAFEPATH=1 timeout 200 $PY -c "
 from fastdd import _ext
 m = _ext.load(raise_on_error=True)
 print('extension loaded:', m.__name__, m.__file__)
 assert (m.__name__ == 'fastdd._C') == ('$expect' == 'prebuilt'), 'wrong extension: ' + m.__name__
-" >> "$out/build.log" 2>&1 && stamp "extension loaded ($expect): $(tail -n 1 "$out/build.log")" || stamp "EXTENSION LOAD FAILED (see build.log)"
+" >> "$out/build.log" 2>&1; then
+  stamp "extension loaded ($expect): $(tail -n 1 "$out/build.log")"
+else
+  stamp "EXTENSION LOAD FAILED (see build.log)"
+fi
 PYTHONSAFEPATH=1 timeout 150 $PY -m pytest -q -rf --tb=short -m gpu tests -p no:cacheprovider > "$out/gpu_tests.txt" 2>&1
 stamp "gpu tests: $(tail -n 1 "$out/gpu_tests.txt")"
 for dt in float32 bfloat16; do  # one file for both dtypes: the device tool returns 8 files
@@ -48,5 +69,7 @@ for dt in float32 bfloat16; do  # one file for both dtypes: the device tool retu
 done
 timeout 90 $PY bench/bench_gpu_engine.py --out "$out/bench_gpu_engine.md" --profile "$out/profile_convnet.md" >> "$log" 2>&1
 stamp "bench_gpu_engine: rc $?"
-timeout 150 $PY bench/bench_distill.py --device cuda --iters 5 --out "$out/bench_distill.md" >> "$log" 2>&1
-stamp "bench_distill cuda: rc $?"
+if [ $no_distill = 0 ]; then
+  timeout 200 $PY bench/bench_distill.py --device cuda --iters 5 --out "$out/bench_distill.md" >> "$log" 2>&1
+  stamp "bench_distill cuda: rc $?"
+fi

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._chunking import chunks, rows_per_chunk
+from .per_sample_conv import conv_weight_grads
 from .per_sample_linear import acc, acc_dtype, gram_is_cheaper, psg_linear, psg_linear_dot, psg_linear_sqnorm
 
 
@@ -149,42 +150,31 @@ def _conv_patches(m, x):
     return cols.view(B, gr, cols.shape[1] // gr, cols.shape[2]).transpose(2, 3)
 
 
-def _conv_weight_grad(m, x, g, groups_per_sample: bool = True):
-    """Weight gradient of a conv from input x and output gradient g.
-
-    With ``groups_per_sample`` the batch becomes groups of one convolution backward, so
-    the result is per sample, ``[B, *weight.shape]`` (3x faster than patches + bmm on
-    the CPU for the DC ConvNet); otherwise it is the ordinary sum over the batch.
-    """
+def _conv_weight_grad(m, x, g, groups_per_sample: bool = True, out=None):
+    """Weight gradient of a conv from input x and output gradient g: per sample
+    ``[B, *weight.shape]`` (``per_sample_conv``), or with ``groups_per_sample=False`` the
+    ordinary sum over the batch."""
     x, padding = _conv_padding(m, x)
-    B = x.shape[0]
     if groups_per_sample:
-        x = x.reshape(1, -1, *x.shape[2:])
-        g = g.reshape(1, -1, *g.shape[2:])
-    groups = m.groups * (B if groups_per_sample else 1)
-    n_out = m.out_channels * (B if groups_per_sample else 1)
-    # only the weight's shape matters for grad_weight: an untouched allocation serves
-    weight_like = torch.empty((n_out, *m.weight.shape[1:]), dtype=g.dtype, device=g.device)
-    nd = x.dim() - 2
+        return conv_weight_grads(x, g, m.weight.shape, m.stride, padding, m.dilation, m.groups, out=out)
+    weight_like = torch.empty(m.weight.shape, dtype=g.dtype, device=g.device)
     _, grad_w, _ = torch.ops.aten.convolution_backward(
-        g, x.to(g.dtype), weight_like, None, m.stride, padding, m.dilation, False, (0,) * nd, groups,
+        g, x.to(g.dtype), weight_like, None, m.stride, padding, m.dilation, False, (0,) * (x.dim() - 2), m.groups,
         (False, True, False))
-    return grad_w.view(B, *m.weight.shape) if groups_per_sample else grad_w
+    return grad_w
 
 
 class ConvRule(Rule):
     """nn.Conv1d / nn.Conv2d (groups, stride, dilation, padding).
 
-    Materialized gradients come from one grouped convolution backward (batch as groups);
+    Materialized gradients come from ``per_sample_conv`` (a Triton implicit GEMM on a GPU,
+    one batch-as-groups convolution backward otherwise);
     norms use the Gram form over patches when it costs fewer flops (small maps, wide
     layers), else chunks of materialized gradients.
     """
 
     def materialize(self, m, x, g, out=None):
-        res = {"weight": _conv_weight_grad(m, x, g)}
-        buf = None if out is None else out.get("weight")
-        if buf is not None:
-            res["weight"] = buf.copy_(res["weight"])
+        res = {"weight": _conv_weight_grad(m, x, g, out=None if out is None else out.get("weight"))}
         if m.bias is not None:
             res["bias"] = g.flatten(2).sum(2)
         return res
@@ -290,10 +280,15 @@ class _AffineNormRule(Rule):
     def materialize(self, m, x, g, out=None):
         res = {}
         if getattr(m, "weight", None) is not None:
-            # x_hat a cache-sized chunk of samples at a time (about 1 MB: no large temporary to
-            # page-fault in), reduced by einsum without writing g * x_hat (3x faster at 28x28)
+            # On a CPU, x_hat a cache-sized chunk of samples at a time (about 1 MB: no large
+            # temporary to page-fault in), reduced by einsum without writing g * x_hat (3x faster
+            # at 28x28). On a GPU, chunks that small are launch-bound (128 of them at 32x32 x 128
+            # channels doubled the ConvNet's per-sample gradient time on an H200): the memory budget.
             B = x.shape[0]
-            step = max(1, min(B, (1 << 18) // max(1, x[0].numel())))
+            if x.is_cuda:
+                step = rows_per_chunk(B, 8 * x[0].numel())
+            else:
+                step = max(1, min(B, (1 << 18) // max(1, x[0].numel())))
             parts = [torch.einsum("bcs,bcs->bc", self.split(m, acc(g[s])), self.split(m, self.x_hat(m, acc(x[s]))))
                      for s in chunks(B, step)]
             res["weight"] = self.unsplit(m, torch.cat(parts)).to(g.dtype)
