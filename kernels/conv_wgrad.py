@@ -87,10 +87,13 @@ def psg_conv2d_wgrad_fwd(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, 
         precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     else:
         precision = "ieee" if INTERPRET else "tf32"  # bf16/fp16 operands: exact products on tensor cores
-    small = 16 if INTERPRET else 64
+    # 128 x 128 tiles on 8 warps where both sides fill them: on the H200, 16% (fp32, TF32) to
+    # 30% (bf16) faster than 64 x 64 on 4 warps for the 128-channel layers of the DC ConvNet
+    big = not INTERPRET and O >= 128 and K >= 128
+    largest = 16 if INTERPRET else 128 if big else 64
     cfg = dict(
-        BLOCK_O=_block(O, small), BLOCK_K=_block(K, small), BLOCK_P=16 if INTERPRET else 32,
-        UPCAST=INTERPRET and x.dtype != torch.float32, PRECISION=precision,
+        BLOCK_O=_block(O, largest), BLOCK_K=_block(K, largest), BLOCK_P=16 if INTERPRET else 32,
+        UPCAST=INTERPRET and x.dtype != torch.float32, PRECISION=precision, num_warps=8 if big else 4,
     )
     cfg.update(config)
     grid = (B, triton.cdiv(O, cfg["BLOCK_O"]), triton.cdiv(K, cfg["BLOCK_K"]))
