@@ -29,21 +29,23 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$sum"; }
 } >> "$sum" 2>&1
 # fastdd itself as a wheel into a folder of its own, without touching the machine's torch or
 # triton (an editable install asks the registry for setuptools; that machine has no network).
-# The wheel carries the prebuilt extension (FASTDD_BUILD_CUDA=1, the user's prebuild path);
+# The wheel carries the prebuilt extension (`pip install --no-build-isolation ".[cuda]"`
+# with a CUDA torch and nvcc present: setup.py's default; FASTDD_BUILD_CUDA=1 forces it);
 # if that build fails, a plain wheel and the first-use JIT build are checked instead.
 # PYTHONSAFEPATH keeps the source tree's fastdd/ (which lacks fastdd.csrc) off sys.path.
 site=$(mktemp -d) whl=$(mktemp -d)
 if [ $no_ext = 1 ]; then
   export FASTDD_NO_CUDA_EXT=1
-  $PY -m pip wheel -q --no-deps --no-build-isolation -w "$whl" . >> "$log" 2>&1
+  FASTDD_BUILD_CUDA=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$whl" . >> "$log" 2>&1
   expect=none
-elif FASTDD_BUILD_CUDA=1 timeout 300 $PY -m pip wheel --no-deps --no-build-isolation -w "$whl" . > "$out/build.log" 2>&1; then
+elif timeout 300 $PY -m pip wheel -v --no-deps --no-build-isolation -w "$whl" ".[cuda]" > "$out/build.log" 2>&1 \
+    && grep -q "prebuilding the CUDA extension" "$out/build.log"; then
   stamp "prebuilt wheel: $(ls "$whl")"
   expect=prebuilt
 else
   stamp "PREBUILD FAILED (see build.log); plain wheel + JIT build"
   rm -rf "$whl"/* build
-  $PY -m pip wheel -q --no-deps --no-build-isolation -w "$whl" . >> "$log" 2>&1
+  FASTDD_BUILD_CUDA=0 $PY -m pip wheel -q --no-deps --no-build-isolation -w "$whl" . >> "$log" 2>&1
   expect=jit
 fi
 $PY -m pip install -q --no-deps --target "$site" "$whl"/*.whl >> "$log" 2>&1 || stamp "pip install failed (see log.txt)"
