@@ -1,6 +1,7 @@
 """DSA augmentation, the evaluation protocol and the coreset baselines (the base of issue #4)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import assert_close
 from fastdd.data import load_digits
@@ -303,6 +304,42 @@ def test_meta_learning_truncated_unroll_resumes_exactly_and_validates(digits):
     assert not torch.equal(plain, full)  # the untracked head changes the trajectory
     with pytest.raises(ValueError, match="max_unroll must be an int >= inner_steps"):
         MetaLearning(digits.X_train, digits.y_train, 1, inner_steps=5, max_unroll=3)
+
+
+def test_meta_learning_inner_sgd_is_torch_sgd(digits):
+    """DD's differentiable inner step with momentum and weight decay moves the network exactly
+    as torch.optim.SGD does on the same images; and the velocity stays in the graph (the
+    images' meta-gradient differs from the one with the velocity detached)."""
+    from fastdd.distill import MetaLearning
+
+    ml = MetaLearning(digits.X_train, digits.y_train, 2, model_options=dict(width=8, depth=1), momentum=0.9,
+                      weight_decay=5e-3, seed=3)
+    net = ml._fresh_net()
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in net.named_parameters()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-3)
+    images = ml.images.detach()
+    velocity = None
+    for _ in range(3):
+        params, velocity = ml._inner_step(net, params, velocity, images, torch.tensor(0.05), False)
+        opt.zero_grad()
+        F.cross_entropy(net(images), ml.labels).backward()
+        opt.step()
+    for n, p in net.named_parameters():
+        assert_close(params[n], p, atol=1e-6, rtol=1e-5, name=n)
+    p0 = {n: p.detach().clone().requires_grad_(True) for n, p in ml._fresh_net().named_parameters()}
+
+    def meta_grad(detach_velocity):
+        first = ml.images.detach().clone().requires_grad_(True)
+        p1, v1 = ml._inner_step(net, p0, None, first, torch.tensor(0.05), True)
+        if detach_velocity:
+            v1 = {n: v.detach() for n, v in v1.items()}
+        p2, _ = ml._inner_step(net, p1, v1, images, torch.tensor(0.05), True)
+        loss = F.cross_entropy(torch.func.functional_call(net, p2, (digits.X_test[:64],)), digits.y_test[:64])
+        return torch.autograd.grad(loss, first)[0]
+
+    assert (meta_grad(False) - meta_grad(True)).abs().max() > 1e-3 * meta_grad(False).abs().max()
+    with pytest.raises(ValueError, match="momentum must be a number in"):
+        MetaLearning(digits.X_train, digits.y_train, 1, momentum=1.0)
 
 
 @pytest.mark.parametrize("use_dsa", [False, True])

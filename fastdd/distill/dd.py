@@ -33,6 +33,8 @@ class MetaLearning(Distiller):
         lr_img, lr_lr: Adam rates of the images and of ``log_lr``; ``lr_init`` the starting inner lr.
         fixed_init: one initialization for every iteration (DD's "fixed" setting) instead of a
             fresh one each time.
+        momentum, weight_decay: of the inner SGD (DD: none). With the evaluation's own (0.9,
+            5e-4) and a long ``max_unroll`` the images are shaped for the training they will get.
     """
 
     description = "meta-learning"
@@ -40,10 +42,14 @@ class MetaLearning(Distiller):
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  inner_steps: int = 10, batch_real: int = 256, lr_img: float = 0.05, lr_lr: float = 0.01,
                  lr_init: float = 0.02, fixed_init: bool = False, max_unroll: int | None = None, init: str = "real",
-                 seed: int = 0):
+                 momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0):
         check_positive_int(inner_steps, "inner_steps")
         if max_unroll is not None and (not isinstance(max_unroll, int) or max_unroll < inner_steps):
             raise ValueError(f"max_unroll must be an int >= inner_steps ({inner_steps}), got {max_unroll!r}")
+        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
+            if not isinstance(value, (int, float)) or not 0 <= value < (1 if name == "momentum" else float("inf")):
+                raise ValueError(f"{name} must be a number in [0, {1 if name == 'momentum' else 'inf'}), got {value!r}")
+        self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.max_unroll = max_unroll or inner_steps
         self._setup(X, y, ipc, model, model_options, seed)
         self.inner_steps, self.batch_real, self.fixed_init = inner_steps, batch_real, fixed_init
@@ -56,21 +62,34 @@ class MetaLearning(Distiller):
     def lr(self) -> float:
         return float(self.log_lr.detach().exp())
 
+    def _inner_step(self, net, params, velocity, images, lr, create_graph):
+        """One SGD step on the synthetic set (torch.optim.SGD's rule: weight decay into the
+        gradient, velocity = momentum * velocity + gradient), differentiable when asked."""
+        loss = F.cross_entropy(functional_call(net, params, (images,)), self.labels)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=create_graph)
+        new_params, new_velocity = {}, {}
+        for (n, p), g in zip(params.items(), grads):
+            if self.weight_decay:
+                g = g + self.weight_decay * p
+            if self.momentum:
+                g = new_velocity[n] = g if velocity is None else self.momentum * velocity[n] + g
+            new_params[n] = p - lr * g
+        if not create_graph:
+            new_params = {n: p.detach().requires_grad_(True) for n, p in new_params.items()}
+            new_velocity = {n: v.detach() for n, v in new_velocity.items()}
+        return new_params, (new_velocity or None)
+
     def step(self) -> float:
         net = self._fresh_net(self.init_seed if self.fixed_init else None)
         params = {n: p.detach().requires_grad_(True) for n, p in net.named_parameters()}
+        velocity = None
         lr = self.log_lr.exp()
         if self.max_unroll > self.inner_steps:  # the untracked head of a truncated unroll
             head = int(torch.randint(self.max_unroll - self.inner_steps + 1, (1,), generator=self.gen))
-            images, step = self.images.detach(), lr.detach()
             for _ in range(head):
-                loss = F.cross_entropy(functional_call(net, params, (images,)), self.labels)
-                grads = torch.autograd.grad(loss, list(params.values()))
-                params = {n: (p - step * g).detach().requires_grad_(True) for (n, p), g in zip(params.items(), grads)}
+                params, velocity = self._inner_step(net, params, velocity, self.images.detach(), lr.detach(), False)
         for _ in range(self.inner_steps):
-            loss = F.cross_entropy(functional_call(net, params, (self.images,)), self.labels)
-            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-            params = {n: p - lr * g for (n, p), g in zip(params.items(), grads)}
+            params, velocity = self._inner_step(net, params, velocity, self.images, lr, True)
         idx = torch.randint(len(self.y), (min(self.batch_real, len(self.y)),), generator=self.gen)
         outer = F.cross_entropy(functional_call(net, params, (self.X[idx],)), self.y[idx])
         if not torch.isfinite(outer):
