@@ -304,7 +304,7 @@ def distillation_section(args, data) -> str:
     # DC/DSA at ipc 10 run 10 outer x 50 inner loops per iteration
     same = lambda options: {1: options, 10: options}  # noqa: E731
     settings = {
-        "dd": ({1: 100, 10: 100}, same(dict(inner_steps=10))),
+        "dd": ({1: 100, 10: 100}, same({})),
         "dc": ({1: 100, 10: 10}, same({})),
         "dsa": ({1: 100, 10: 10}, same({})),
         "dm": ({1: 100, 10: 100}, same({})),

@@ -228,13 +228,15 @@ def random_ipc10(digits):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["dm", "dc", "dsa", "mtt"])
+@pytest.mark.parametrize("method", ["dd", "dm", "dc", "dsa", "mtt"])
 def test_beats_random_at_ten_images_per_class(digits, experts, random_ipc10, method):
     """Each method improves on random real images at ipc 10 (it starts from some)."""
-    from fastdd.distill import DistributionMatching, GradientMatching, TrajectoryMatching
+    from fastdd.distill import DistributionMatching, GradientMatching, MetaLearning, TrajectoryMatching
 
     X, y, opts = digits.X_train, digits.y_train, EVAL_IPC10["model_options"]
-    if method == "dm":
+    if method == "dd":  # the defaults: the evaluation's SGD, 20 of up to 100 steps differentiated
+        engine, iterations = MetaLearning(X, y, 10, model_options=opts), 40
+    elif method == "dm":
         engine, iterations = DistributionMatching(X, y, 10, model_options=opts), 100
     elif method in ("dc", "dsa"):
         engine = GradientMatching(X, y, 10, model_options=opts, dsa=DSA() if method == "dsa" else None)
@@ -253,7 +255,7 @@ def test_meta_learning_beats_random_at_one_image_per_class(digits, random_ipc1):
     from fastdd.distill import MetaLearning
 
     opts = EVAL_IPC1["model_options"]
-    ml = MetaLearning(digits.X_train, digits.y_train, 1, model_options=opts, inner_steps=5)
+    ml = MetaLearning(digits.X_train, digits.y_train, 1, model_options=opts)
     images, labels = ml.run(40)
     assert ml.lr > 0
     _assert_beats_random_by_10_points(images, labels, digits, random_ipc1)
