@@ -1,7 +1,8 @@
 """Backend choice for accelerated ops: cuda | triton | torch, per call.
 
-CUDA tensors use the CUDA extension when it loads, else Triton, else torch; CPU
-tensors use the torch path. ``FASTDD_BACKEND=torch|triton|cuda`` forces one, and a
+CUDA tensors use the CUDA extension when it loads, else Triton, else torch; an op whose
+Triton kernels measured faster asks for Triton first (``pick(device, triton_first=True)``:
+the per-sample Linear ops). CPU tensors use the torch path. ``FASTDD_BACKEND=torch|triton|cuda`` forces one, and a
 forced backend that cannot run raises an error naming the missing piece.
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) Triton kernels run on
 CPU tensors through Triton's interpreter, which is how CPU machines test them.
@@ -83,14 +84,17 @@ def pick_for(t: torch.Tensor) -> str:
     return "torch" if backend != "torch" and t.dtype not in KERNEL_DTYPES else backend
 
 
-def pick(device: torch.device | str) -> str:
-    """The backend for an op whose tensors live on ``device``."""
+def pick(device: torch.device | str, triton_first: bool = False) -> str:
+    """The backend for an op whose tensors live on ``device``; ``triton_first`` puts Triton
+    before the CUDA extension (a forced backend still wins)."""
     device = torch.device(device)
     forced = forced_backend()
     if forced is not None:
         _check_usable(forced, device)
         return forced
     if device.type == "cuda":
+        if triton_first and triton_available():
+            return "triton"
         if cuda_ext_available():
             return "cuda"
         if triton_available():

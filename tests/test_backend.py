@@ -13,6 +13,20 @@ def test_cpu_tensors_use_torch(monkeypatch):
     assert _backend.pick("cpu") == "torch"
 
 
+@pytest.mark.parametrize("ext, triton, triton_first, expected", [
+    (True, True, False, "cuda"), (True, True, True, "triton"), (True, False, True, "cuda"),
+    (False, True, False, "triton"), (False, False, True, "torch"),
+])
+def test_automatic_order_on_cuda_tensors(monkeypatch, ext, triton, triton_first, expected):
+    """CUDA extension, then Triton, then torch; ops that ask put Triton first; a forced backend wins."""
+    monkeypatch.delenv("FASTDD_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "cuda_ext_available", lambda: ext)
+    monkeypatch.setattr(_backend, "triton_available", lambda: triton)
+    assert _backend.pick("cuda", triton_first=triton_first) == expected
+    monkeypatch.setenv("FASTDD_BACKEND", "torch")
+    assert _backend.pick("cuda", triton_first=triton_first) == "torch"
+
+
 def test_forced_backend_names(monkeypatch):
     monkeypatch.setenv("FASTDD_BACKEND", "torch")
     assert _backend.pick("cpu") == "torch"
