@@ -73,6 +73,27 @@ def _images(X, what: str):
 
 
 # --------------------------------------------------------------------------- distill
+def _method_options(args) -> dict:
+    """``--set KEY=VALUE`` pairs as keyword options (values read as Python literals)."""
+    import ast
+
+    from .distill.api import method_options
+
+    if "help" in args.options:
+        raise UsageError(f"--method {args.method} options: {', '.join(method_options(args.method))}")
+    options = {}
+    for item in args.options:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr_img=0.01")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw  # a bare word: a string option such as metric=cos
+        options[key.strip()] = value
+    return options
+
+
 def cmd_distill(args) -> None:
     from .distill import distill, evaluate
 
@@ -85,6 +106,7 @@ def cmd_distill(args) -> None:
         if args.method != "mtt":
             raise UsageError("--low-memory applies to --method mtt")
         options["low_memory"] = True
+    options.update(_method_options(args))
     _check_resume(args)
     try:
         syn = distill(X, data.y_train, args.method, args.ipc, model=args.model, iterations=args.iterations,
@@ -242,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mtt: recompute student steps in the backward (memory of one step, same result)")
     p.add_argument("--evaluate", type=int, default=0, metavar="N",
                    help="then train N fresh models on the synthetic set and report test accuracy (0: skip)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
+                   help="a method option, repeatable (e.g. --set lr_img=0.01 --set inner_steps=20); values are "
+                        "Python literals, else strings; fastdd distill --method M --set help lists M's options")
 
     p = sub.add_parser("value", help="how much each training point is worth", formatter_class=fmt)
     _add_common(p, "file for the values, one per training point (.npy or .csv)")

@@ -65,6 +65,9 @@ def test_distill_resume_equals_uninterrupted(tmp_path):
     ("big_ipc", "larger than the smallest class"),
     ("checkpoint_exists", "pass --resume"),
     ("bad_out", "does not exist"),
+    ("unknown_option", "takes no option 'inner_steps'; its options: model_options, batch_real"),
+    ("option_list", "--method dm options: model_options, batch_real, lr_img"),
+    ("option_form", "expected KEY=VALUE"),
 ])
 def test_user_errors_exit_2_without_traceback(tmp_path, capsys, case, message):
     data = tmp_path / "d.npz"
@@ -81,9 +84,32 @@ def test_user_errors_exit_2_without_traceback(tmp_path, capsys, case, message):
         args += ["--checkpoint", str(tmp_path / "ck.pt")]
     elif case == "bad_out":
         args[-1] = str(tmp_path / "no" / "such" / "s.pt")
+    elif case == "unknown_option":  # an option of another method
+        args += ["--set", "inner_steps=5"]
+    elif case == "option_list":
+        args += ["--set", "help"]
+    elif case == "option_form":
+        args += ["--set", "lr_img"]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_distill_set_reaches_the_method(tmp_path):
+    """--set passes method options: DM with lr_img=0 leaves the images where they started,
+    and a string value (DC's metric) is taken as a string."""
+    data = tmp_path / "d.npz"
+    _blobs(data, n=40, images=True)
+    common = ["distill", "--data", str(data), "--method", "dm", "--ipc", "2", "--width", "8", "--no-progress"]
+    start, frozen, moved = tmp_path / "s.pt", tmp_path / "f.pt", tmp_path / "m.pt"
+    assert main(common + ["--iterations", "0", "--out", str(start)]) == 0
+    assert main(common + ["--iterations", "2", "--set", "lr_img=0.0", "--set", "batch_real=8", "--out", str(frozen)]) == 0
+    assert main(common + ["--iterations", "2", "--out", str(moved)]) == 0
+    images = {p: SyntheticSet.load(str(p)).images for p in (start, frozen, moved)}
+    assert torch.equal(images[frozen], images[start]) and not torch.equal(images[moved], images[start])
+    dc = ["distill", "--data", str(data), "--method", "dc", "--ipc", "1", "--width", "8", "--no-progress",
+          "--iterations", "1", "--set", "metric=cos", "--set", "outer_loop=1", "--out", str(tmp_path / "dc.pt")]
+    assert main(dc) == 0
 
 
 def test_help_shows_every_option_with_its_default(capsys):

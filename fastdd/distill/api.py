@@ -1,6 +1,7 @@
 """``distill()``: one entry point for every method, with checkpoints, and the ``SyntheticSet`` it returns."""
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 
@@ -40,7 +41,22 @@ class SyntheticSet:
         return cls(s["images"], s["labels"], s["lr"], s["method"], s["ipc"], s["info"])
 
 
+CLASSES = {"dd": MetaLearning, "dc": GradientMatching, "dsa": GradientMatching, "dm": DistributionMatching,
+           "mtt": TrajectoryMatching}
+
+
+def method_options(method: str) -> list[str]:
+    """The options ``distill(..., method, **options)`` takes for ``method`` (its class's keywords)."""
+    params = inspect.signature(CLASSES[method].__init__).parameters
+    names = [n for n in params if n not in ("self", "X", "y", "ipc", "model", "seed", "experts")]
+    return names + (["experts", "expert_options"] if method == "mtt" else [])
+
+
 def _make(method, X, y, ipc, model, seed, options):
+    unknown = [k for k in options if k not in method_options(method)]
+    if unknown:
+        raise ValueError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(method_options(method))}")
     if method == "dd":
         return MetaLearning(X, y, ipc, model=model, seed=seed, **options)
     if method in ("dc", "dsa"):
