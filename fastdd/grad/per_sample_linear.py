@@ -32,11 +32,12 @@ def acc(t: torch.Tensor) -> torch.Tensor:
     return t.to(acc_dtype(t))
 
 
-def _pick(device: torch.device, dtype: torch.dtype) -> str:
+def _pick(device: torch.device, dtype: torch.dtype, triton_first: bool = True) -> str:
     # the kernels take fp32, bf16 and fp16; float64 stays on the exact torch path. Triton
     # first: on the H200 it beat the (SIMT) CUDA kernels in 20 of 24 shape x dtype x
-    # consumer cases, up to 10x on large bf16 shapes (bench/measured/h200-2026-11-28-conv)
-    return "torch" if dtype == torch.float64 else _backend.pick(device, triton_first=True)
+    # consumer cases, up to 10x on large bf16 shapes (bench/measured/h200-2026-11-28-conv);
+    # the exceptions were fp32 norms, where the caller passes triton_first=False
+    return "torch" if dtype == torch.float64 else _backend.pick(device, triton_first=triton_first)
 
 
 def _as_btd(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -141,7 +142,9 @@ def psg_linear_sqnorm(A: torch.Tensor, G: torch.Tensor, chunk_size: int | None =
     A: ``[B, T, d]``; G: ``[B, T, p]``. The kernels never write ``[B, p, d]``.
     """
     A, G = _check_pair(A, G)
-    backend = _pick(A.device, A.dtype)
+    # fp32 norms: the CUDA kernels won 2 of 4 shapes on the H200 and the DC ConvNet's norms
+    # (6.8 ms vs 7.6 with Triton)
+    backend = _pick(A.device, A.dtype, triton_first=A.dtype != torch.float32)
     if backend == "torch":
         return psg_linear_sqnorm_ref(A, G, chunk_size)
     if backend == "triton":
