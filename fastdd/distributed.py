@@ -8,9 +8,10 @@ the order of floating-point sums). Without a group every helper is the identity.
 
     torchrun --nproc-per-node 4 my_script.py     # the script calls fastdd as usual
 
-Supported: ``knn_shapley`` (test points sharded), ``InfluenceFunction.scores`` and
-``.self_influence`` (training batches sharded), ``DistributionMatching`` (real
-embeddings sharded) and ``GradientMatching`` (real-side class gradients sharded).
+Supported: ``knn_shapley`` (test points sharded), ``tmc_shapley`` (permutations),
+``InfluenceFunction.scores`` and ``.self_influence`` (training batches sharded),
+``grand_scores`` (per-sample gradient norms, batches sharded), ``DistributionMatching``
+(real embeddings sharded) and ``GradientMatching`` (real-side class gradients sharded).
 """
 from __future__ import annotations
 

@@ -3,9 +3,10 @@ import torch
 
 
 def compute() -> dict:
-    """KNN-Shapley, TMC-Shapley, influence scores, a DM step and a DC step on small fixed problems."""
+    """KNN-Shapley, TMC-Shapley, influence scores, GraNd, a DM step and a DC step on small fixed problems."""
     from fastdd.data import load_digits
     from fastdd.distill import DistributionMatching, GradientMatching
+    from fastdd.pruning import grand_scores
     from fastdd.train import train_model
     from fastdd.valuation import InfluenceFunction, KNNUtility, knn_shapley, tmc_shapley
 
@@ -25,6 +26,9 @@ def compute() -> dict:
     out["influence"] = inf.scores(Xt, yt)
     out["self_influence"] = inf.self_influence()
     d = load_digits()
+    # GraNd over 3 batches: two ranks take 2 and 1
+    out["grand"] = grand_scores(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), d.X_train[:70],
+                                d.y_train[:70], batch_size=25)
     Xd, yd = d.X_train[:300], d.y_train[:300]
     dm = DistributionMatching(Xd, yd, ipc=2, model_options=dict(width=8, depth=2), batch_real=16, seed=0)
     for _ in range(2):

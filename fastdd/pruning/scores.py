@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validate import as_labels, check_positive_int
+from ..distributed import all_gather_rows, shard
 from ..grad import per_sample_grad_norms
 from ..train import predict, train_model
 
@@ -53,7 +54,8 @@ def grand_scores(model, X: torch.Tensor, y, n_models: int = 1, epochs: int = 0, 
     ``model`` is an ``nn.Module`` (scored as it is; ``n_models`` must be 1) or a factory
     ``() -> nn.Module`` whose ``n_models`` fresh models are trained ``epochs`` epochs and
     averaged. Norms come from the gradient engine without materializing per-sample
-    gradients. Returns ``[N]`` fp32 scores; larger is harder.
+    gradients; under an initialized process group each rank scores a share of the
+    batches and every rank gets all scores. Returns ``[N]`` fp32 scores; larger is harder.
     """
     y = _check_xy(X, y)
     check_positive_int(n_models, "n_models")
@@ -66,10 +68,13 @@ def grand_scores(model, X: torch.Tensor, y, n_models: int = 1, epochs: int = 0, 
         models = (train_model(_fresh(model, seed + i), X, y, epochs=epochs, seed=seed + i, **train_options)
                   if epochs else _fresh(model, seed + i).eval() for i in range(n_models))
     total = torch.zeros(len(y))
+    starts = list(range(0, len(y), batch_size))
+    mine = starts[shard(len(starts))]  # under torch.distributed: this rank's batches, in order
     for m in models:
-        for start in range(0, len(y), batch_size):
-            sl = slice(start, start + batch_size)
-            total[sl] += per_sample_grad_norms(m, X[sl], y[sl], params=params).cpu()
+        p0 = next(m.parameters())
+        local = [per_sample_grad_norms(m, X[s:s + batch_size], y[s:s + batch_size], params=params) for s in mine]
+        empty = torch.zeros(0, device=p0.device, dtype=torch.float64 if p0.dtype == torch.float64 else torch.float32)
+        total += all_gather_rows(torch.cat(local) if local else empty).cpu()
     return total / n_models
 
 
