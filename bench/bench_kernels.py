@@ -109,10 +109,10 @@ def main():
 
 
 def conv_kernels(lines, backends, device, dtype):
-    """Per-sample Conv2d weight gradients (3x3, padding 1): the torch path's batch-as-groups
-    convolution backward against the Triton implicit GEMM (fp32 follows torch's cuDNN TF32
-    setting in both)."""
-    from fastdd.grad.per_sample_conv import conv_weight_grads
+    """Per-sample Conv2d weight gradients (3x3, padding 1) and their squared norms: the torch
+    path's batch-as-groups convolution backward against the Triton implicit GEMM and its
+    fused norm (fp32 follows torch's cuDNN TF32 setting in both)."""
+    from fastdd.grad.per_sample_conv import conv_weight_grads, conv_weight_sqnorms
 
     tf32 = torch.backends.cudnn.allow_tf32
     lines += ["", f"| B, C_in, C_out, HxW | per-sample conv weight grads (cuDNN TF32 {tf32}) | backend | ms | GFLOP/s | | | |"]
@@ -123,15 +123,24 @@ def conv_kernels(lines, backends, device, dtype):
         g = torch.randn(B, O, S, S, device=device, dtype=dtype)
         out = torch.empty(B, O, C, 3, 3, device=device, dtype=dtype)
         flops = 2 * B * O * C * 9 * S * S
-        for backend in ["torch"] + (["triton"] if "triton" in backends else []):
-            os.environ["FASTDD_BACKEND"] = backend
-            try:
-                sec = timeit(lambda: conv_weight_grads(x, g, out.shape[1:], (1, 1), (1, 1), (1, 1), 1, out=out), device)
-                row = f"| {B}, {C}, {O}, {S}x{S} | materialize | {backend} | {sec * 1e3:.3f} | {flops / sec / 1e9:.0f} | | | |"
-            except Exception as exc:  # report, keep going
-                row = f"| {B}, {C}, {O}, {S}x{S} | materialize | {backend} | error: {type(exc).__name__}: {exc} | | | | |"
-            lines.append(row)
-            print(row, flush=True)
+        shape, geo = out.shape[1:], ((1, 1), (1, 1), (1, 1))
+        consumers = {
+            "materialize": lambda: conv_weight_grads(x, g, shape, *geo, 1, out=out),
+            # the torch path's norms reduce materialized gradients; the Triton kernel never writes them
+            "sqnorm": lambda: (conv_weight_sqnorms(x, g, shape, *geo, 1) if os.environ["FASTDD_BACKEND"] == "triton"
+                               else conv_weight_grads(x, g, shape, *geo, 1, out=out).flatten(1).float().square().sum(1)),
+        }
+        for consumer, fn in consumers.items():
+            for backend in ["torch"] + (["triton"] if "triton" in backends else []):
+                os.environ["FASTDD_BACKEND"] = backend
+                try:
+                    sec = timeit(fn, device)
+                    row = (f"| {B}, {C}, {O}, {S}x{S} | {consumer} | {backend} | {sec * 1e3:.3f} | "
+                           f"{flops / sec / 1e9:.0f} | | | |")
+                except Exception as exc:  # report, keep going
+                    row = f"| {B}, {C}, {O}, {S}x{S} | {consumer} | {backend} | error: {type(exc).__name__}: {exc} | | | | |"
+                lines.append(row)
+                print(row, flush=True)
         if device == "cuda" and "triton" in backends:
             lines.append(f"| {B}, {C}, {O}, {S}x{S} | triton configs: " + conv_sweep(x, g, out, device) + " | | | | | | |")
             print(lines[-1], flush=True)

@@ -18,20 +18,16 @@ from ._triton import INTERPRET, tl, triton
 
 
 @triton.jit
-def psg_conv2d_wgrad_kernel(
-    x_ptr,  # x [B, C, H, W], any strides
-    g_ptr,  # g [B, O, Ho, Wo], any strides
-    out_ptr,  # out [B, O, K] with K = C * KH * KW in (c, i, j) order, any strides
+def _wgrad_tile(
+    x_ptr, g_ptr, i_b, i_o, i_k,
     C, H, W, O, Wo, P, K,
-    s_xb, s_xc, s_xh, s_xw, s_gb, s_go, s_gh, s_gw, s_ob, s_oo, s_ok,
+    s_xb, s_xc, s_xh, s_xw, s_gb, s_go, s_gh, s_gw,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     KH: tl.constexpr, KW: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out[b] = G_b @ X_b, one [BLOCK_O, BLOCK_K] tile per program."""
-    i_b = tl.program_id(0).to(tl.int64)  # sample offsets pass 2^31 elements at large B
-    i_o, i_k = tl.program_id(1), tl.program_id(2)
+    """The fp32 tile ``(G_b @ X_b)[i_o tile, i_k tile]``."""
     o_o = i_o * BLOCK_O + tl.arange(0, BLOCK_O)
     o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_o = o_o < O
@@ -61,8 +57,55 @@ def psg_conv2d_wgrad_kernel(
             b_g = b_g.to(tl.float32)
             b_xt = b_xt.to(tl.float32)
         acc = tl.dot(b_g, tl.trans(b_xt), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def psg_conv2d_wgrad_kernel(
+    x_ptr,  # x [B, C, H, W], any strides
+    g_ptr,  # g [B, O, Ho, Wo], any strides
+    out_ptr,  # out [B, O, K] with K = C * KH * KW in (c, i, j) order, any strides
+    C, H, W, O, Wo, P, K,
+    s_xb, s_xc, s_xh, s_xw, s_gb, s_go, s_gh, s_gw, s_ob, s_oo, s_ok,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """out[b] = G_b @ X_b, one [BLOCK_O, BLOCK_K] tile per program."""
+    i_b = tl.program_id(0).to(tl.int64)  # sample offsets pass 2^31 elements at large B
+    i_o, i_k = tl.program_id(1), tl.program_id(2)
+    acc = _wgrad_tile(x_ptr, g_ptr, i_b, i_o, i_k, C, H, W, O, Wo, P, K,
+                      s_xb, s_xc, s_xh, s_xw, s_gb, s_go, s_gh, s_gw,
+                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                      KH, KW, BLOCK_O, BLOCK_K, BLOCK_P, UPCAST, PRECISION)
+    o_o = i_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     p_out = out_ptr + i_b * s_ob + o_o[:, None] * s_oo + o_k[None, :] * s_ok
-    tl.store(p_out, acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"), mask=m_o[:, None] & m_k[None, :])
+    tl.store(p_out, acc.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtne"),
+             mask=(o_o < O)[:, None] & (o_k < K)[None, :])
+
+
+@triton.jit
+def psg_conv2d_wgrad_sqnorm_kernel(
+    x_ptr, g_ptr,
+    part_ptr,  # part [B, n_tiles] fp32, contiguous: this tile's share of ||G_b @ X_b||^2
+    C, H, W, O, Wo, P, K,
+    s_xb, s_xc, s_xh, s_xw, s_gb, s_go, s_gh, s_gw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """part[b, tile] = sum over the tile of (G_b @ X_b)^2: the gradient never reaches memory."""
+    i_b = tl.program_id(0).to(tl.int64)
+    i_o, i_k = tl.program_id(1), tl.program_id(2)
+    acc = _wgrad_tile(x_ptr, g_ptr, i_b, i_o, i_k, C, H, W, O, Wo, P, K,
+                      s_xb, s_xc, s_xh, s_xw, s_gb, s_go, s_gh, s_gw,
+                      stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                      KH, KW, BLOCK_O, BLOCK_K, BLOCK_P, UPCAST, PRECISION)
+    n_tiles = tl.num_programs(1) * tl.num_programs(2)
+    tl.store(part_ptr + i_b * n_tiles + i_o * tl.num_programs(2) + i_k, tl.sum(acc * acc))
 
 
 def _block(n: int, largest: int) -> int:
@@ -70,15 +113,8 @@ def _block(n: int, largest: int) -> int:
     return max(16, min(largest, triton.next_power_of_2(n)))
 
 
-def psg_conv2d_wgrad_fwd(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation,
-                         out: torch.Tensor, **config) -> torch.Tensor:
-    """Per-sample weight gradients of a one-group Conv2d into ``out`` ``[B, O, C * kh * kw]``.
-
-    ``padding`` is numeric (zero padding); ``x`` and ``g`` share a dtype (fp32, bf16, fp16).
-    fp32 runs the dot in IEEE fp32 unless torch allows cuDNN TF32 (its default), which is
-    what a convolution does with the same tensors. ``config`` overrides block sizes and
-    launch options (BLOCK_O, BLOCK_K, BLOCK_P, num_warps, num_stages: the benchmark's sweep).
-    """
+def _setup(x, g, kernel_size, stride, padding, dilation, config: dict):
+    """(grid, shape and geometry arguments, launch options) shared by both kernels."""
     B, C, H, W = x.shape
     O, Ho, Wo = g.shape[1:]
     kh, kw = kernel_size
@@ -92,15 +128,33 @@ def psg_conv2d_wgrad_fwd(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, 
     big = not INTERPRET and O >= 128 and K >= 128
     largest = 16 if INTERPRET else 128 if big else 64
     cfg = dict(
-        BLOCK_O=_block(O, largest), BLOCK_K=_block(K, largest), BLOCK_P=16 if INTERPRET else 32,
+        KH=kh, KW=kw, BLOCK_O=_block(O, largest), BLOCK_K=_block(K, largest), BLOCK_P=16 if INTERPRET else 32,
         UPCAST=INTERPRET and x.dtype != torch.float32, PRECISION=precision, num_warps=8 if big else 4,
     )
     cfg.update(config)
     grid = (B, triton.cdiv(O, cfg["BLOCK_O"]), triton.cdiv(K, cfg["BLOCK_K"]))
-    psg_conv2d_wgrad_kernel[grid](
-        x, g, out, C, H, W, O, Wo, Ho * Wo, K,
-        *x.stride(), *g.stride(), *out.stride(),
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
-        KH=kh, KW=kw, **cfg,
-    )
+    geometry = (stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1])
+    return grid, (C, H, W, O, Wo, Ho * Wo, K), geometry, cfg
+
+
+def psg_conv2d_wgrad_fwd(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation,
+                         out: torch.Tensor, **config) -> torch.Tensor:
+    """Per-sample weight gradients of a one-group Conv2d into ``out`` ``[B, O, C * kh * kw]``.
+
+    ``padding`` is numeric (zero padding); ``x`` and ``g`` share a dtype (fp32, bf16, fp16).
+    fp32 runs the dot in IEEE fp32 unless torch allows cuDNN TF32 (its default), which is
+    what a convolution does with the same tensors. ``config`` overrides block sizes and
+    launch options (BLOCK_O, BLOCK_K, BLOCK_P, num_warps, num_stages: the benchmark's sweep).
+    """
+    grid, shape, geometry, cfg = _setup(x, g, kernel_size, stride, padding, dilation, config)
+    psg_conv2d_wgrad_kernel[grid](x, g, out, *shape, *x.stride(), *g.stride(), *out.stride(), *geometry, **cfg)
     return out
+
+
+def psg_conv2d_wgrad_sqnorm_fwd(x: torch.Tensor, g: torch.Tensor, kernel_size, stride, padding, dilation,
+                                **config) -> torch.Tensor:
+    """Squared norms ``[B]`` (fp32) of the per-sample weight gradients, without writing them."""
+    grid, shape, geometry, cfg = _setup(x, g, kernel_size, stride, padding, dilation, config)
+    part = torch.empty(grid[0], grid[1] * grid[2], dtype=torch.float32, device=x.device)
+    psg_conv2d_wgrad_sqnorm_kernel[grid](x, g, part, *shape, *x.stride(), *g.stride(), *geometry, **cfg)
+    return part.sum(1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdd.grad.per_sample_conv import conv_weight_grads, conv_weight_grads_ref
+from fastdd.grad.per_sample_conv import conv_weight_grads, conv_weight_grads_ref, conv_weight_sqnorms
 from conftest import assert_close
 
 # (B, C, O, spatial, kernel, stride, padding, dilation): odd sizes, strides, dilation,
@@ -60,6 +60,20 @@ def test_triton_kernel_matches_autograd(monkeypatch, config, layout):
     assert_close(got, _autograd_oracle(x, g, shape, stride, padding, dilation), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_fused_squared_norms_match_autograd(monkeypatch, config):
+    """The norm kernel reduces the same tiles in registers: ||grad_b||^2 without writing it."""
+    pytest.importorskip("triton")
+    _, _, _, _, _, stride, padding, dilation = config
+    x, g, shape = _inputs(*config)
+    assert conv_weight_sqnorms(x, g, shape, stride, padding, dilation, 1) is None  # CPU tensors: torch path
+    monkeypatch.setenv("FASTDD_BACKEND", "triton")
+    got = conv_weight_sqnorms(x, g, shape, stride, padding, dilation, 1)
+    expected = _autograd_oracle(x, g, shape, stride, padding, dilation).flatten(1).square().sum(1)
+    assert got.dtype == torch.float32
+    assert_close(got, expected, atol=1e-3, rtol=1e-5)
+
+
 def test_triton_kernel_low_precision(monkeypatch):
     """bf16 inputs: the kernel errs at most about twice the torch path in the same dtype
     (STYLE.md), and an fp32 buffer receives fp32 sums of the bf16 products."""
@@ -110,3 +124,6 @@ def test_gpu_kernel(monkeypatch, dtype, config):
     scale = oracle.abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert_close(got, oracle, atol=tol * scale, rtol=tol)
+    norms = conv_weight_sqnorms(x, g, shape, stride, padding, dilation, 1)
+    expected = oracle.flatten(1).square().sum(1)
+    assert_close(norms, expected, atol=tol * expected.max().item(), rtol=10 * tol, name="squared norms")

@@ -7,7 +7,8 @@ rules.py makes module padding numeric first).
 - torch path (the reference, and CPUs): one convolution backward with the batch folded
   into the groups, 3x faster than patches + bmm on a CPU for the DC ConvNet;
 - Triton (CUDA tensors, one group): an implicit GEMM per sample (``kernels/conv_wgrad.py``)
-  that gathers patches from x in registers. cuDNN runs the batch-as-groups backward as
+  that gathers patches from x in registers; ``conv_weight_sqnorms`` reduces its tiles to
+  squared norms in registers instead of writing them. cuDNN runs the batch-as-groups backward as
   one kernel per sample, which made the engine 2x slower than vmap on an H200.
 Conv1d goes through the 2-d kernel as a height-1 image. float64 stays on the torch path.
 """
@@ -39,6 +40,16 @@ def _use_kernel(x, g, groups) -> bool:
     return _backend.pick_for(g) in ("triton", "cuda") and _backend.triton_available()
 
 
+def _as_2d(x, g, weight_shape, stride, padding, dilation):
+    """The kernel's view of a Conv1d or Conv2d: 4-d tensors and 2-d geometry."""
+    kernel, stride, padding, dilation = tuple(weight_shape[2:]), tuple(stride), tuple(padding), tuple(dilation)
+    x = x.to(g.dtype)
+    if x.dim() == 3:  # Conv1d as a height-1 Conv2d
+        x, g = x.unsqueeze(2), g.unsqueeze(2)
+        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
+    return x, g, kernel, stride, padding, dilation
+
+
 def conv_weight_grads(x, g, weight_shape, stride, padding, dilation, groups, out=None):
     """Per-sample weight gradients ``[B, *weight_shape]``, into ``out`` when given."""
     if not _use_kernel(x, g, groups):
@@ -46,15 +57,21 @@ def conv_weight_grads(x, g, weight_shape, stride, padding, dilation, groups, out
         return res if out is None else out.copy_(res)
     from ..kernels.conv_wgrad import psg_conv2d_wgrad_fwd
 
-    x = x.to(g.dtype)
-    kernel, stride, padding, dilation = tuple(weight_shape[2:]), tuple(stride), tuple(padding), tuple(dilation)
-    if x.dim() == 3:  # Conv1d as a height-1 Conv2d
-        x, g = x.unsqueeze(2), g.unsqueeze(2)
-        kernel, stride, padding, dilation = (1, *kernel), (1, *stride), (0, *padding), (1, *dilation)
     B = x.shape[0]
     if out is None:
         out = torch.empty((B, *weight_shape), dtype=g.dtype, device=g.device)
     flat = out.view(B, weight_shape[0], -1) if out.is_contiguous() else torch.empty(
         (B, weight_shape[0], out[0, 0].numel()), dtype=out.dtype, device=out.device)
-    psg_conv2d_wgrad_fwd(x, g, kernel, stride, padding, dilation, flat)
+    psg_conv2d_wgrad_fwd(*_as_2d(x, g, weight_shape, stride, padding, dilation), flat)
     return out if flat.data_ptr() == out.data_ptr() else out.copy_(flat.view_as(out))
+
+
+def conv_weight_sqnorms(x, g, weight_shape, stride, padding, dilation, groups):
+    """Squared norms ``[B]`` (fp32) of the per-sample weight gradients by the fused Triton
+    kernel (nothing per-sample reaches memory), or None where it does not apply (the caller
+    then reduces materialized chunks or uses the Gram form)."""
+    if not _use_kernel(x, g, groups):
+        return None
+    from ..kernels.conv_wgrad import psg_conv2d_wgrad_sqnorm_fwd
+
+    return psg_conv2d_wgrad_sqnorm_fwd(*_as_2d(x, g, weight_shape, stride, padding, dilation))

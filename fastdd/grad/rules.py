@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._chunking import chunks, rows_per_chunk
-from .per_sample_conv import conv_weight_grads
+from .per_sample_conv import conv_weight_grads, conv_weight_sqnorms
 from .per_sample_linear import acc, acc_dtype, gram_is_cheaper, psg_linear, psg_linear_dot, psg_linear_sqnorm
 
 
@@ -187,12 +187,15 @@ class ConvRule(Rule):
             A = _conv_patches(m, x)
             G = g.reshape(B, m.groups, pg, L).transpose(2, 3)
             w = psg_linear_sqnorm(A.reshape(B * m.groups, L, dg), G.reshape(B * m.groups, L, pg), chunk_size)
-            res = {"weight": w.view(B, m.groups).sum(1)}
-        else:
-            w = torch.empty(B, dtype=acc_dtype(g), device=g.device)
-            for s in chunks(B, rows_per_chunk(B, 4 * m.weight.numel(), chunk_size)):
-                w[s] = _conv_weight_grad(m, x[s], g[s]).flatten(1).float().square().sum(1)
-            res = {"weight": w}
+            w = w.view(B, m.groups).sum(1)
+        else:  # the fused kernel on a GPU, else chunks of materialized gradients
+            xp, padding = _conv_padding(m, x)
+            w = conv_weight_sqnorms(xp, g, m.weight.shape, m.stride, padding, m.dilation, m.groups)
+            if w is None:
+                w = torch.empty(B, dtype=acc_dtype(g), device=g.device)
+                for s in chunks(B, rows_per_chunk(B, 4 * m.weight.numel(), chunk_size)):
+                    w[s] = _conv_weight_grad(m, x[s], g[s]).flatten(1).float().square().sum(1)
+        res = {"weight": w}
         if m.bias is not None:
             res["bias"] = acc(g.flatten(2)).sum(2).square().sum(1)
         return res
