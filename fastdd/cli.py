@@ -77,10 +77,6 @@ def _method_options(args) -> dict:
     """``--set KEY=VALUE`` pairs as keyword options (values read as Python literals)."""
     import ast
 
-    from .distill.api import method_options
-
-    if "help" in args.options:
-        raise UsageError(f"--method {args.method} options: {', '.join(method_options(args.method))}")
     options = {}
     for item in args.options:
         key, sep, raw = item.partition("=")
@@ -242,6 +238,9 @@ def cmd_bench(args, extra: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+class _DefaultsAndRawEpilog(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Option defaults in --help, and an epilog printed as written (one method per line)."""
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="fastdd", description="Data valuation, pruning and dataset distillation.",
@@ -249,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog="Each subcommand has its own --help.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{distill,value,prune,bench,demo}")
 
-    p = sub.add_parser("distill", help="shrink the data to a few synthetic images per class", formatter_class=fmt)
+    from .distill.api import METHODS, method_options
+
+    listing = "\n".join(f"  {m}: {', '.join(method_options(m))}" for m in METHODS)
+    p = sub.add_parser("distill", help="shrink the data to a few synthetic images per class",
+                       formatter_class=_DefaultsAndRawEpilog,
+                       epilog=f"options each method takes with --set (see fastdd.distill for their meaning):\n{listing}")
     _add_common(p, "file for the synthetic set (torch; load with fastdd.distill.SyntheticSet.load)")
     p.add_argument("--method", choices=["dd", "dc", "dsa", "dm", "mtt"], default="dm", help="distillation method")
     p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
@@ -266,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then train N fresh models on the synthetic set and report test accuracy (0: skip)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="a method option, repeatable (e.g. --set lr_img=0.01 --set inner_steps=20); values are "
-                        "Python literals, else strings; fastdd distill --method M --set help lists M's options")
+                        "Python literals, else strings; each method's options are listed below")
 
     p = sub.add_parser("value", help="how much each training point is worth", formatter_class=fmt)
     _add_common(p, "file for the values, one per training point (.npy or .csv)")
