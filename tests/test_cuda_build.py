@@ -3,6 +3,7 @@ binding file against torch's (CPU) headers. Nothing built here runs: no GPU."""
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -52,3 +53,30 @@ def test_binding_compiles_against_cpu_torch(tmp_path):
 @pytest.mark.skipif(os.environ.get("FASTDD_NO_CUDA_EXT") == "1", reason="FASTDD_NO_CUDA_EXT=1 turns the extension off")
 def test_extension_builds_and_loads():
     assert _ext.load(raise_on_error=True) is not None
+
+
+SETUP = Path(__file__).resolve().parent.parent / "setup.py"
+
+
+@pytest.mark.skipif(not SETUP.exists(), reason="not a source checkout")
+@pytest.mark.parametrize("value, ok, says", [
+    ("", True, None),  # a CPU torch: nothing to prebuild, no attempt
+    ("0", True, None),
+    ("2", False, "FASTDD_BUILD_CUDA must be 0 or 1, got '2'"),
+])
+def test_setup_prebuild_decision(value, ok, says):
+    """setup.py (what pip runs) prebuilds only where it can: with a CPU torch, never; a
+    malformed FASTDD_BUILD_CUDA is refused by name."""
+    import torch
+
+    if value == "" and torch.version.cuda is not None:
+        pytest.skip("a CUDA torch: setup.py would (rightly) prebuild here")
+    env = {k: v for k, v in os.environ.items() if k != "FASTDD_BUILD_CUDA"}
+    if value:
+        env["FASTDD_BUILD_CUDA"] = value
+    res = subprocess.run([sys.executable, str(SETUP), "--version"], capture_output=True, text=True, env=env,
+                         cwd=SETUP.parent, timeout=300)
+    assert (res.returncode == 0) == ok, res.stderr[-2000:]
+    assert "prebuilding the CUDA extension" not in res.stdout
+    if says:
+        assert says in res.stdout + res.stderr
