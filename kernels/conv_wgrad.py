@@ -1,4 +1,4 @@
-"""Triton kernel for per-sample Conv2d weight gradients by implicit GEMM.
+"""Triton kernels for per-sample Conv2d weight gradients by implicit GEMM, and their norms.
 
 For input x ``[B, C, H, W]`` and output gradient g ``[B, O, Ho, Wo]`` of a convolution
 with one group, sample b's weight gradient is ``G_b @ X_b``: G_b ``[O, P]`` its output
@@ -8,7 +8,8 @@ and gathers the patch blocks straight from x by index arithmetic, so the ``[B, K
 patches never reach memory (unfold + bmm writes them: 1.2 GB for a 128-channel 32x32
 layer at B = 256, and ran slower than the grouped convolution it was meant to replace).
 cuDNN's batch-as-groups convolution backward, the torch path, launches one small
-kernel per sample; this is one launch for the batch.
+kernel per sample; this is one launch for the batch. The norm kernel reduces each tile
+to its sum of squares in registers, so per-sample norms never write a gradient.
 """
 from __future__ import annotations
 
