@@ -137,6 +137,35 @@ def test_norms_match_materialized(case):
     assert_close(got, expected, name=case, **TOL)
 
 
+def padded_conv_model():
+    """One-group convs whose padding the rules apply to the input first: reflect, and an
+    asymmetric 'same' (even kernel), then strided and dilated ones."""
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(3, 4, (2, 4), padding="same"), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, stride=2, dilation=2, padding=2), nn.Flatten(), nn.LazyLinear(3),
+    )
+
+
+@pytest.mark.parametrize("case", ["convnet8", "conv_groups_stride_dilation", "conv1d", "norms_eval", "padded"])
+def test_conv_kernel_inside_the_engine(monkeypatch, case):
+    """With the Triton backend (the interpreter here) the per-sample conv weight gradients and
+    their fused norms come from kernels/conv_wgrad.py: the engine still matches vmap."""
+    pytest.importorskip("triton")
+    if case == "padded":
+        model, x, y, loss = padded_conv_model(), torch.randn(4, 2, 9, 10), torch.randint(0, 3, (4,)), None
+        model(x[:1])
+    else:
+        model, x, y, loss = build(case, B=4)
+    expected = oracle(model, x, y, loss)
+    monkeypatch.setenv("FASTDD_BACKEND", "triton")
+    got = fastdd.per_sample_grads(model, x, y, loss_fn=loss)
+    for name in expected:
+        assert_close(got[name], expected[name], name=f"{case}:{name}", **TOL)
+    norms = fastdd.per_sample_grad_norms(model, x, y, loss_fn=loss)
+    assert_close(norms, flat_sq_norms(expected).sqrt(), name=f"{case}: norms", **TOL)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_dots_match_materialized(case):
     model, x, y, loss = build(case)
