@@ -189,12 +189,13 @@ class ConvRule(Rule):
             w = psg_linear_sqnorm(A.reshape(B * m.groups, L, dg), G.reshape(B * m.groups, L, pg), chunk_size)
             w = w.view(B, m.groups).sum(1)
         else:  # the fused kernel on a GPU, else chunks of materialized gradients
-            xp, padding = _conv_padding(m, x)
-            w = conv_weight_sqnorms(xp, g, m.weight.shape, m.stride, padding, m.dilation, m.groups)
+            xp, padding = _conv_padding(m, x)  # once, for either path
+            geometry = (m.weight.shape, m.stride, padding, m.dilation, m.groups)
+            w = conv_weight_sqnorms(xp, g, *geometry)
             if w is None:
                 w = torch.empty(B, dtype=acc_dtype(g), device=g.device)
                 for s in chunks(B, rows_per_chunk(B, 4 * m.weight.numel(), chunk_size)):
-                    w[s] = _conv_weight_grad(m, x[s], g[s]).flatten(1).float().square().sum(1)
+                    w[s] = conv_weight_grads(xp[s], g[s], *geometry).flatten(1).float().square().sum(1)
         res = {"weight": w}
         if m.bias is not None:
             res["bias"] = acc(g.flatten(2)).sum(2).square().sum(1)

@@ -10,6 +10,7 @@ from torch import nn
 from .._validate import as_labels, check_positive_int
 from ..distributed import all_gather_rows, shard
 from ..grad import per_sample_grad_norms
+from ..grad.per_sample_linear import acc_dtype
 from ..train import predict, train_model
 
 ModelFactory = Callable[[], nn.Module]
@@ -71,10 +72,11 @@ def grand_scores(model, X: torch.Tensor, y, n_models: int = 1, epochs: int = 0, 
     starts = list(range(0, len(y), batch_size))
     mine = starts[shard(len(starts))]  # under torch.distributed: this rank's batches, in order
     for m in models:
-        p0 = next(m.parameters())
         local = [per_sample_grad_norms(m, X[s:s + batch_size], y[s:s + batch_size], params=params) for s in mine]
-        empty = torch.zeros(0, device=p0.device, dtype=torch.float64 if p0.dtype == torch.float64 else torch.float32)
-        total += all_gather_rows(torch.cat(local) if local else empty).cpu()
+        if not local:  # a rank with no batch still takes part in the gather, with the norms' dtype
+            p0 = next(m.parameters())
+            local = [torch.zeros(0, device=p0.device, dtype=acc_dtype(p0))]
+        total += all_gather_rows(torch.cat(local)).cpu()
     return total / n_models
 
 
