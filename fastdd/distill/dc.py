@@ -16,7 +16,7 @@ from ..distributed import all_sum, shard
 from ..grad import classwise_grads
 from ._base import Distiller
 from .augment import DSA
-from .grad_distance import METRICS, SegmentLayout, classwise_grad_distance, pack
+from .grad_distance import SegmentLayout, check_metric, classwise_grad_distance, pack
 
 LOOPS_BY_IPC = {1: (1, 1), 10: (10, 50), 50: (50, 10)}  # ipc -> (outer_loop, inner_loop), DC paper
 
@@ -29,8 +29,7 @@ def match_distance(g_real: dict, g_syn: dict, metric: str = "ours") -> torch.Ten
     ``"cos"``: ``1 - cos`` of the concatenated vectors. The fused op over many classes is
     :func:`fastdd.distill.grad_distance.classwise_grad_distance`.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be 'ours', 'mse' or 'cos', got {metric!r}")
+    check_metric(metric)
     names = [n for n in g_real if g_real[n].dim() > 1]
     layout = SegmentLayout.of_shapes([tuple(g_real[n].shape) for n in names], g_real[names[0]].device)
     real = pack([g_real[n].unsqueeze(0) for n in names])
@@ -84,8 +83,7 @@ class GradientMatching(Distiller):
                  batch_real: int = 256, lr_img: float = 0.1, momentum: float = 0.5, lr_net: float = 0.01,
                  outer_loop: int | None = None, inner_loop: int | None = None, metric: str = "ours",
                  dsa: DSA | None = None, init: str = "real", seed: int = 0):
-        if metric not in METRICS:
-            raise ValueError(f"metric must be 'ours', 'mse' or 'cos', got {metric!r}")
+        check_metric(metric)
         self._setup(X, y, ipc, model, model_options, seed)
         outer, inner = LOOPS_BY_IPC.get(ipc, (10, 10))
         self.outer_loop, self.inner_loop = outer_loop or outer, inner_loop if inner_loop is not None else inner

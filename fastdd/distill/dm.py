@@ -14,7 +14,7 @@ import torch
 from ._base import Distiller
 from ..distributed import all_gather_rows, shard
 from .augment import DSA
-from .mmd import KERNELS, class_mmd
+from .mmd import check_kernel, class_mmd
 
 
 class DistributionMatching(Distiller):
@@ -41,8 +41,7 @@ class DistributionMatching(Distiller):
     def __init__(self, X: torch.Tensor, y, ipc: int, model: str = "convnet", model_options: dict | None = None,
                  batch_real: int = 256, lr_img: float = 1.0, momentum: float = 0.5, dsa: DSA | None = DSA(),
                  init: str = "real", kernel: str = "linear", gamma: float | None = None, seed: int = 0):
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        check_kernel(kernel)
         self.kernel, self.gamma = kernel, gamma
         self._setup(X, y, ipc, model, model_options, seed)
         self.batch_real, self.dsa = batch_real, dsa

@@ -148,16 +148,21 @@ def _cos(ab, aa, bb):
     return ab / (aa.sqrt().clamp_min(EPS) * bb.sqrt().clamp_min(EPS))
 
 
+def check_metric(metric: str) -> None:
+    """A ValueError naming the metrics unless ``metric`` is one of them."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+
+
 def distance_from_stats(stats: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-class distance ``[C]`` from the ``[C, R, 4]`` segment statistics."""
+    """Per-class distance ``[C]`` from the ``[C, R, 4]`` segment statistics (``metric``
+    already checked by :func:`classwise_grad_distance`)."""
     if metric == "ours":
         return (1 - _cos(stats[..., 0], stats[..., 1], stats[..., 2])).sum(1)
     if metric == "cos":
         s = stats.sum(1)
         return 1 - _cos(s[:, 0], s[:, 1], s[:, 2])
-    if metric == "mse":
-        return stats[..., 3].sum(1)
-    raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    return stats[..., 3].sum(1)  # mse
 
 
 def classwise_grad_distance(real: torch.Tensor, syn: torch.Tensor, layout: SegmentLayout,
@@ -171,8 +176,7 @@ def classwise_grad_distance(real: torch.Tensor, syn: torch.Tensor, layout: Segme
         real = pack([g_real[n] for n in names])                          # [C, P] from [C, *shape]
         loss = classwise_grad_distance(real, pack(syn_grads), layout).sum()
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    check_metric(metric)  # before any kernel runs
     if real.shape != syn.shape or real.dim() != 2:
         raise ValueError(f"real and syn must both be packed [C, P], got {tuple(real.shape)} and {tuple(syn.shape)}")
     if real.shape[1] != layout.size:

@@ -22,6 +22,12 @@ KERNELS = ("linear", "rbf")
 CUDA_RBF_MAX_D = 2048  # csrc/mmd.h RBF_MAX_D
 
 
+def check_kernel(kernel: str) -> None:
+    """A ValueError naming the kernels unless ``kernel`` is one of them."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+
+
 def segments(counts: torch.Tensor) -> torch.Tensor:
     """``[C + 1]`` int64 class boundaries of class-grouped rows with ``counts[c]`` rows each."""
     counts = counts.to(torch.int64)
@@ -198,8 +204,7 @@ def class_mmd(real: torch.Tensor, real_counts: torch.Tensor, syn: torch.Tensor, 
         f_real, f_syn = embed(real_images), embed(syn_images)          # rows grouped by class
         loss = class_mmd(f_real, torch.bincount(real_labels), f_syn, torch.full((C,), ipc)).sum()
     """
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    check_kernel(kernel)
     if real.dim() != 2 or syn.dim() != 2 or real.shape[1] != syn.shape[1]:
         raise ValueError(f"real and syn must be [N, D] and [M, D] with one D, got {tuple(real.shape)} and {tuple(syn.shape)}")
     rseg, sseg = segments(real_counts).to(real.device), segments(syn_counts).to(real.device)
