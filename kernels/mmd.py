@@ -21,32 +21,33 @@ from ._triton import tl, triton
 
 
 @triton.jit
-def segment_mean_kernel(x_ptr, seg_ptr, out_ptr, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out[c, d-block] = mean of x over the rows of class c."""
+def _class_columns(seg_ptr, D, BLOCK_D: tl.constexpr):
+    """This program's class c, its column block (offsets and mask), its rows [lo, hi) and
+    their count (at least 1, so an empty class divides safely)."""
     c = tl.program_id(0)
     o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
     lo = tl.load(seg_ptr + c)
     hi = tl.load(seg_ptr + c + 1)
+    return c, o_d, o_d < D, lo, hi, tl.maximum(hi - lo, 1).to(tl.float32)
+
+
+@triton.jit
+def segment_mean_kernel(x_ptr, seg_ptr, out_ptr, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[c, d-block] = mean of x over the rows of class c."""
+    c, o_d, m_d, lo, hi, count = _class_columns(seg_ptr, D, BLOCK_D)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
         m = (o_n < hi)[:, None] & m_d[None, :]
         tile = tl.load(x_ptr + o_n[:, None].to(tl.int64) * D + o_d[None, :], mask=m, other=0.0)
         acc += tl.sum(tile.to(tl.float32), axis=0)
-    count = tl.maximum(hi - lo, 1).to(tl.float32)
     tl.store(out_ptr + c * D + o_d, acc / count, mask=m_d)
 
 
 @triton.jit
 def segment_mean_bwd_kernel(g_ptr, seg_ptr, out_ptr, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out[rows of c, d-block] = g[c, d-block] / |c|."""
-    c = tl.program_id(0)
-    o_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    m_d = o_d < D
-    lo = tl.load(seg_ptr + c)
-    hi = tl.load(seg_ptr + c + 1)
-    count = tl.maximum(hi - lo, 1).to(tl.float32)
+    c, o_d, m_d, lo, hi, count = _class_columns(seg_ptr, D, BLOCK_D)
     g = tl.load(g_ptr + c * D + o_d, mask=m_d, other=0.0) / count
     for n0 in range(lo, hi, BLOCK_N):
         o_n = n0 + tl.arange(0, BLOCK_N)
