@@ -52,7 +52,12 @@ def _load(args):
         raise UsageError(str(exc)) from exc
 
 
-def _out_dir(path: str) -> None:
+def _out_dir(path: str, suffixes: tuple[str, ...] = (), what: str = "") -> None:
+    """Before any work: the folder of ``--out`` exists and, when ``suffixes`` are given, the
+    file has one of them."""
+    if suffixes and not path.endswith(suffixes):
+        raise UsageError(f"--out {path}: write {what} to a {', '.join(suffixes[:-1])} or {suffixes[-1]} file"
+                         if len(suffixes) > 1 else f"--out {path}: write {what} to a {suffixes[0]} file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {path}: the folder {folder} does not exist")
@@ -119,16 +124,15 @@ def cmd_distill(args) -> None:
 
 # --------------------------------------------------------------------------- value
 def _save_scores(path: str, scores, header: str) -> None:
+    """Scores to ``path``: a .csv with an index column, else .npy (checked by ``_out_dir``)."""
     import numpy as np
 
     values = scores.detach().cpu().double().numpy()
     if path.endswith(".csv"):
         np.savetxt(path, np.column_stack([np.arange(len(values)), values]), delimiter=",",
                    header=f"index,{header}", comments="", fmt=["%d", "%.10g"])
-    elif path.endswith(".npy"):
-        np.save(path, values)
     else:
-        raise UsageError(f"--out {path}: write scores to a .npy or .csv file")
+        np.save(path, values)
 
 
 def cmd_value(args) -> None:
@@ -136,9 +140,7 @@ def cmd_value(args) -> None:
 
     from .valuation import InfluenceFunction, KNNUtility, ModelUtility, knn_shapley, tmc_shapley
 
-    if not args.out.endswith((".npy", ".csv")):
-        raise UsageError(f"--out {args.out}: write scores to a .npy or .csv file")
-    _out_dir(args.out)
+    _out_dir(args.out, (".npy", ".csv"), "scores")
     _check_resume(args)
     data = _load(args)
     Xtr, Xte = data.X_train.flatten(1), data.X_test.flatten(1)
@@ -179,11 +181,9 @@ def cmd_prune(args) -> None:
 
     from .pruning import el2n_scores, prototype_scores, recommend_keep, select, self_supervised_embeddings
 
-    if not args.out.endswith((".npy", ".csv", ".txt")):
-        raise UsageError(f"--out {args.out}: write indices to a .npy, .csv or .txt file")
+    _out_dir(args.out, (".npy", ".csv", ".txt"), "indices")
     if not 0.0 < args.keep <= 1.0:
         raise UsageError(f"--keep must be a fraction in (0, 1], got {args.keep}")
-    _out_dir(args.out)
     data = _load(args)
     X, y = data.X_train, data.y_train
     num_classes = int(y.max()) + 1
@@ -196,7 +196,7 @@ def cmd_prune(args) -> None:
             from .models import get_model
 
             if X.dim() == 4:
-                model_fn = lambda: get_model("convnet", X.shape[1], num_classes, X.shape[-1], width=32, depth=2)  # noqa: E731
+                model_fn = lambda: get_model("convnet", X.shape[1], num_classes, tuple(X.shape[-2:]), width=32, depth=2)  # noqa: E731
             else:
                 model_fn = lambda: get_model("mlp", X.shape[1], num_classes, 1, hidden=(128,))  # noqa: E731
             scores = el2n_scores(model_fn, X, y, epochs=min(args.epochs, 10), n_runs=3, seed=args.seed)
@@ -240,6 +240,7 @@ def cmd_bench(args, extra: list[str]) -> int:
 # --------------------------------------------------------------------------- parser
 class _DefaultsAndRawEpilog(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Option defaults in --help, and an epilog printed as written (one method per line)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
