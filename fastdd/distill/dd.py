@@ -53,9 +53,10 @@ class MetaLearning(Distiller):
         if max_unroll is not None and (not isinstance(max_unroll, int) or max_unroll < inner_steps):
             raise ValueError(f"max_unroll must be an int >= inner_steps ({inner_steps}), got {max_unroll!r}; "
                              "None unrolls every inner step")
-        for name, value in (("momentum", momentum), ("weight_decay", weight_decay)):
-            if not isinstance(value, (int, float)) or not 0 <= value < (1 if name == "momentum" else float("inf")):
-                raise ValueError(f"{name} must be a number in [0, {1 if name == 'momentum' else 'inf'}), got {value!r}")
+        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+        if not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
+            raise ValueError(f"weight_decay must be a number in [0, inf), got {weight_decay!r}")
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.max_unroll = max_unroll or inner_steps
         self._setup(X, y, ipc, model, model_options, seed)
