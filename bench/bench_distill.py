@@ -37,6 +37,40 @@ IPC = 10
 
 
 # --------------------------------------------------------------------------- references
+def _class_real_batch(engine, c):
+    """Class ``c``'s real batch (the reference code's ``get_images(c, batch_real)``)."""
+    import torch
+
+    rows = engine.by_class[c]
+    idx = rows[torch.randint(len(rows), (min(engine.batch_real, len(rows)),), generator=engine.gen)]
+    return engine.X[idx], engine.y[idx]
+
+
+def _class_syn(engine, c):
+    rows = slice(c * engine.ipc, (c + 1) * engine.ipc)
+    return engine.images[rows], engine.labels[rows]
+
+
+def _train_on_synthetic(engine, net, net_opt, steps: int):
+    """DC's inner loop: ``steps`` training steps of ``net`` on the (detached) synthetic set."""
+    import torch.nn.functional as F
+
+    images = engine.images.detach()
+    for _ in range(steps):
+        net_opt.zero_grad()
+        F.cross_entropy(net(images), engine.labels).backward()
+        net_opt.step()
+
+
+def _dm_class_pair(engine, c):
+    """Class ``c``'s real and synthetic images under one DSA draw (DM's reference loop body)."""
+    img_real, _ = _class_real_batch(engine, c)
+    img_syn, _ = _class_syn(engine, c)
+    if engine.dsa is not None:
+        img_real, img_syn = engine.dsa(img_real, img_syn, engine.gen)
+    return img_real, img_syn
+
+
 def dc_reference_step(engine):
     """DC's per-class loop (Zhao et al. 2021 code structure) on ``engine``'s state."""
     import torch
@@ -48,11 +82,8 @@ def dc_reference_step(engine):
     for outer in range(engine.outer_loop):
         loss = 0
         for c in range(engine.num_classes):
-            rows = engine.by_class[c]
-            idx = rows[torch.randint(len(rows), (min(engine.batch_real, len(rows)),), generator=engine.gen)]
-            img_real, lab_real = engine.X[idx], engine.y[idx]
-            img_syn = engine.images[c * engine.ipc:(c + 1) * engine.ipc]
-            lab_syn = engine.labels[c * engine.ipc:(c + 1) * engine.ipc]
+            img_real, lab_real = _class_real_batch(engine, c)
+            img_syn, lab_syn = _class_syn(engine, c)
             gw_real = [g.detach() for g in torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)]
             gw_syn = torch.autograd.grad(F.cross_entropy(net(img_syn), lab_syn), params, create_graph=True)
             for gr, gs in zip(gw_real, gw_syn):  # "ours", layer by layer; bias skipped
@@ -65,24 +96,15 @@ def dc_reference_step(engine):
         engine.opt.step()
         if outer == engine.outer_loop - 1:
             break
-        for _ in range(engine.inner_loop):
-            net_opt.zero_grad()
-            F.cross_entropy(net(engine.images.detach()), engine.labels).backward()
-            net_opt.step()
+        _train_on_synthetic(engine, net, net_opt, engine.inner_loop)
 
 
 def dm_reference_step(engine):
     """DM's per-class loop (Zhao & Bilen 2023 code structure): one DSA draw per class."""
-    import torch
-
     embed = engine._embedder()
     loss = 0
     for c in range(engine.num_classes):
-        rows = engine.by_class[c]
-        idx = rows[torch.randint(len(rows), (min(engine.batch_real, len(rows)),), generator=engine.gen)]
-        img_real, img_syn = engine.X[idx], engine.images[c * engine.ipc:(c + 1) * engine.ipc]
-        if engine.dsa is not None:
-            img_real, img_syn = engine.dsa(img_real, img_syn, engine.gen)
+        img_real, img_syn = _dm_class_pair(engine, c)
         out_real = embed(img_real).detach()
         out_syn = embed(img_syn)
         loss = loss + ((out_real.mean(0) - out_syn.mean(0)) ** 2).sum()
@@ -95,15 +117,10 @@ def dc_shared_part(engine):
     """What DC's reference and fastdd both do, identically: the inner loops of one iteration
     (outer_loop - 1 times inner_loop training steps on the synthetic set)."""
     import torch
-    import torch.nn.functional as F
 
     net = engine._fresh_net()
     net_opt = torch.optim.SGD(net.parameters(), lr=engine.lr_net)
-    images = engine.images.detach()
-    for _ in range((engine.outer_loop - 1) * engine.inner_loop):
-        net_opt.zero_grad()
-        F.cross_entropy(net(images), engine.labels).backward()
-        net_opt.step()
+    _train_on_synthetic(engine, net, net_opt, (engine.outer_loop - 1) * engine.inner_loop)
 
 
 def dm_shared_part(engine):
@@ -114,12 +131,7 @@ def dm_shared_part(engine):
     embed = engine._embedder()
     with torch.no_grad():
         for c in range(engine.num_classes):
-            rows = engine.by_class[c]
-            idx = rows[torch.randint(len(rows), (min(engine.batch_real, len(rows)),), generator=engine.gen)]
-            img = engine.X[idx]
-            if engine.dsa is not None:
-                img, _ = engine.dsa(img, engine.images[c * engine.ipc:(c + 1) * engine.ipc], engine.gen)
-            embed(img)
+            embed(_dm_class_pair(engine, c)[0])
 
 
 # --------------------------------------------------------------------------- child side
