@@ -2,8 +2,9 @@
 
 CUDA tensors use the CUDA extension when it loads, else Triton, else torch; an op whose
 Triton kernels measured faster asks for Triton first (``pick(device, triton_first=True)``:
-the per-sample Linear ops). CPU tensors use the torch path. ``FASTDD_BACKEND=torch|triton|cuda`` forces one, and a
-forced backend that cannot run raises an error naming the missing piece.
+the per-sample Linear ops). CPU tensors use the torch path.
+``FASTDD_BACKEND=torch|triton|cuda`` forces one, and a forced backend that cannot run
+raises an error naming the missing piece.
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) Triton kernels run on
 CPU tensors through Triton's interpreter, which is how CPU machines test them.
 """
