@@ -286,7 +286,8 @@ def test_distill_stops_on_non_finite_loss_and_keeps_the_last_good_state(tmp_path
     with pytest.raises(FloatingPointError, match=r"non-finite DM loss at iteration \d+.*the last good state is in"):
         distill(digits.X_train, digits.y_train, "dm", 1, iterations=20, checkpoint=ck, lr_img=1e38,
                 model_options=dict(width=8, depth=1), batch_real=16)
-    state = _checkpoint.load(ck, {"method": "dm", "ipc": 1, "model": "convnet", "seed": 0, "n": len(digits.y_train)})
+    state = _checkpoint.read(ck)
+    assert state["identity"]["method"] == "dm" and state["engine"]["iteration"] < 20
     assert torch.isfinite(state["engine"]["learned"]["images"]).all()
 
 

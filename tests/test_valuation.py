@@ -123,8 +123,9 @@ def test_sampling_resumes_to_the_same_result(tmp_path, method):
         banzhaf_msr(U, 6, n_samples=120, seed=3, checkpoint=ck, checkpoint_every=40)
         resumed = banzhaf_msr(U, 6, n_samples=300, seed=3, checkpoint=ck, checkpoint_every=40)
     assert torch.equal(full.values, resumed.values) and full.n_samples == resumed.n_samples
-    with pytest.raises(ValueError, match="belongs to another run: seed=3"):
-        (tmc_shapley(U, 6, max_permutations=40, seed=4, truncation_tol=0.0, checkpoint=ck) if method == "tmc"
+    with pytest.raises(ValueError, match="belongs to another run: seed: checkpoint 3, this run 4; delete it"):
+        (tmc_shapley(U, 6, max_permutations=40, seed=4, truncation_tol=0.0, convergence_tol=0.0, checkpoint=ck)
+         if method == "tmc"
          else banzhaf_msr(U, 6, n_samples=300, seed=4, checkpoint=ck))
 
 

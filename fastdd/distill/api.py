@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import _checkpoint
+from .._validate import as_images, as_labels, check_positive_int
 from .augment import DSA
 from .dc import GradientMatching
 from .dd import MetaLearning
@@ -30,15 +33,22 @@ class SyntheticSet:
     info: dict = field(default_factory=dict)
 
     def save(self, path: str) -> None:
+        """Write the set to ``path`` (plain tensors, numbers and strings; atomically)."""
         _checkpoint.save(path, {"identity": {"kind": "SyntheticSet"}, "images": self.images, "labels": self.labels,
                                 "lr": self.lr, "method": self.method, "ipc": self.ipc, "info": self.info})
 
     @classmethod
     def load(cls, path: str) -> "SyntheticSet":
-        if not os.path.exists(path):
+        """The set saved at ``path``, read without running code (``weights_only``); a
+        :class:`~fastdd._checkpoint.CheckpointError` (a ``ValueError``) names the file when it is
+        missing, unreadable, or not a synthetic set."""
+        if not os.path.lexists(path):
             raise FileNotFoundError(f"no synthetic set at {path}")
-        s = _checkpoint.load(path, {"kind": "SyntheticSet"})
-        return cls(s["images"], s["labels"], s["lr"], s["method"], s["ipc"], s["info"])
+        s = _checkpoint.read(path, "synthetic set")
+        if s["identity"].get("kind") != "SyntheticSet" or not {"images", "labels"} <= set(s):
+            raise _checkpoint.CheckpointError(f"{path} is not a synthetic set (it is a "
+                                              f"{s['identity'].get('method', 'other')} checkpoint)")
+        return cls(s["images"], s["labels"], s.get("lr"), s.get("method", ""), s.get("ipc", 0), s.get("info", {}))
 
 
 CLASSES = {"dd": MetaLearning, "dc": GradientMatching, "dsa": GradientMatching, "dm": DistributionMatching,
@@ -52,11 +62,91 @@ def method_options(method: str) -> list[str]:
     return names + (["experts", "expert_options"] if method == "mtt" else [])
 
 
-def _make(method, X, y, ipc, model, seed, options):
+def _number(low=None, high=None, low_open=False, high_open=False, integer=False, none_ok=False):
+    """A checker for a numeric option: ``check(name, value)`` raises a ValueError naming it."""
+    kind = "an integer" if integer else "a number"
+    bounds = []
+    if low is not None:
+        bounds.append(f"{'>' if low_open else '>='} {low}")
+    if high is not None:
+        bounds.append(f"{'<' if high_open else '<='} {high}")
+    want = f"{kind}{' ' + ' and '.join(bounds) if bounds else ''}{' or None' if none_ok else ''}"
+
+    def check(name, value):
+        if value is None and none_ok:
+            return
+        ok = not isinstance(value, bool) and isinstance(value, numbers.Integral if integer else numbers.Real)
+        ok = ok and math.isfinite(float(value))
+        ok = ok and (low is None or (value > low if low_open else value >= low))
+        ok = ok and (high is None or (value < high if high_open else value <= high))
+        if not ok:
+            raise ValueError(f"{name} must be {want}, got {value!r}")
+    return check
+
+
+def _of_type(types, what):
+    def check(name, value):
+        if not isinstance(value, types):
+            raise ValueError(f"{name} must be {what}, got {value!r}")
+    return check
+
+
+# what each method option may hold; checked up front by distill(), before any work
+OPTION_CHECKS = {
+    "lr_img": _number(0), "lr_net": _number(0), "lr_init": _number(0, low_open=True),
+    "lr_lr": _number(0), "momentum": _number(0, 1, high_open=True), "weight_decay": _number(0),
+    "gamma": _number(0, low_open=True, none_ok=True), "batch_real": _number(1, integer=True),
+    "outer_loop": _number(1, integer=True, none_ok=True), "inner_loop": _number(0, integer=True, none_ok=True),
+    "inner_steps": _number(1, integer=True), "syn_steps": _number(1, integer=True),
+    "expert_epochs": _number(1, integer=True), "max_start_epoch": _number(0, integer=True),
+    "max_unroll": _number(1, integer=True, none_ok=True), "init": _of_type((str,), "'real' or 'noise'"),
+    "kernel": _of_type((str,), "a kernel name"), "metric": _of_type((str,), "a metric name"),
+    "low_memory": _of_type((bool,), "True or False"), "fixed_init": _of_type((bool,), "True or False"),
+    "model_options": _of_type((dict, type(None)), "a dict of model keywords"),
+    "dsa": _of_type((DSA, type(None)), "a fastdd.distill.augment.DSA or None"),
+    "expert_options": _of_type((dict,), "a dict of train_experts keywords"),
+    "experts": _of_type((list, tuple), "a list of expert trajectories [epochs + 1, P]"),
+}
+
+
+def _check_options(method, options):
     unknown = [k for k in options if k not in method_options(method)]
     if unknown:
         raise ValueError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; "
                          f"its options: {', '.join(method_options(method))}")
+    for name, value in options.items():
+        if name in OPTION_CHECKS:
+            OPTION_CHECKS[name](name, value)
+
+
+def _resolved_options(method, options) -> dict:
+    """Every option of the method's class with the value this run uses (given, else the default)."""
+    params = inspect.signature(CLASSES[method].__init__).parameters
+    resolved = {n: options.get(n, params[n].default) for n in method_options(method)
+                if n in params and n != "experts"}
+    resolved["model_options"] = resolved.get("model_options") or {}  # None and {} are one run
+    if method == "dsa" and "dsa" not in options:
+        resolved["dsa"] = DSA()  # as _make sets it
+    if method == "mtt":
+        if options.get("experts") is not None:
+            resolved["experts"] = options["experts"]
+        else:  # trained here: what trains them is part of the run
+            ep = inspect.signature(train_experts).parameters
+            given = options.get("expert_options", {})
+            resolved["expert_options"] = {n: given.get(n, p.default) for n, p in ep.items()
+                                          if n not in ("X", "y", "model", "model_options", "seed", "progress")}
+    return resolved
+
+
+def _iterations(iterations, method) -> int:
+    if iterations is None:
+        return DEFAULT_ITERATIONS[method]
+    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative integer, got {iterations!r}")
+    return int(iterations)
+
+
+def _make(method, X, y, ipc, model, seed, options):
     if method == "dd":
         return MetaLearning(X, y, ipc, model=model, seed=seed, **options)
     if method in ("dc", "dsa"):
@@ -84,14 +174,27 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model: str = "convnet", i
     ``expert_options=``). ``options`` go to the method's class (named after the papers:
     lr_img, outer_loop, inner_loop, syn_steps, expert_epochs, max_start_epoch, ...).
     With ``checkpoint`` the run saves its state every ``checkpoint_every`` iterations and a
-    rerun resumes from it, ending where an uninterrupted run ends.
+    rerun resumes from it, ending where an uninterrupted run ends. The run's identity is
+    the method, ipc, model, seed, every option's value (defaults included) and a
+    fingerprint of ``X`` and ``y``: a checkpoint that differs in any of them is refused,
+    naming what differs, and so is one already past ``iterations``.
+
+    ``X`` must be float32 images (numpy accepted), finite; ``y`` integer labels.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    iterations = iterations if iterations is not None else DEFAULT_ITERATIONS[method]
-    engine = _make(method, X, y, ipc, model, seed, dict(options))
-    identity = {"method": method, "ipc": ipc, "model": model, "seed": seed, "n": len(X)}
+    X = as_images(X, "X")
+    y = as_labels(y, "y", n=len(X))
+    ipc = check_positive_int(ipc, "ipc")
+    iterations = _iterations(iterations, method)
+    checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
+    _check_options(method, options)
+    identity = _checkpoint.fingerprint({"method": method, "ipc": ipc, "model": model, "seed": seed, "X": X, "y": y,
+                                        "options": _resolved_options(method, options)})
     state = _checkpoint.load(checkpoint, identity)
+    if state is not None:
+        _checkpoint.check_progress(checkpoint, state["engine"]["iteration"], iterations, "iterations")
+    engine = _make(method, X, y, ipc, model, seed, dict(options))
     if state is not None:
         engine.load_state_dict(state["engine"])
     it = range(engine.iteration, iterations)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import as_labels, check_positive_int
+from .._validate import as_images, as_labels, as_samples, check_positive_int, compute_dtype
 from ..models import get_model
 from ..pruning.kmeans import assign, kmeans
 from ..pruning.selection import herding
@@ -25,12 +25,15 @@ def evaluate(images: torch.Tensor, labels, X_test: torch.Tensor, y_test, model: 
     at half of ``epochs``; ``augment`` (e.g. :class:`fastdd.distill.augment.DSA`) draws a new
     augmentation per batch during training. Returns ``(mean, std)`` accuracy in [0, 1].
     """
-    if images.dim() != 4:
-        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
-    labels = as_labels(labels, "labels", n=len(images))
-    y_test = as_labels(y_test, "y_test", n=len(X_test))
-    check_positive_int(n_models, "n_models")
-    check_positive_int(epochs, "epochs")
+    images = as_images(images, "images")
+    X_test = as_images(X_test, "X_test")
+    if X_test.shape[1:] != images.shape[1:]:
+        raise ValueError(f"X_test images are {tuple(X_test.shape[1:])}, the training images {tuple(images.shape[1:])}")
+    labels = as_labels(labels, "labels", n=len(images)).to(images.device)
+    y_test = as_labels(y_test, "y_test", n=len(X_test)).to(X_test.device)
+    n_models = check_positive_int(n_models, "n_models")
+    epochs = check_positive_int(epochs, "epochs")
+    batch_size = check_positive_int(batch_size, "batch_size")
     num_classes = int(max(labels.max(), y_test.max())) + 1
     accs = []
     runs = range(n_models)
@@ -71,6 +74,12 @@ def _per_class(y, ipc):
     return y, classes
 
 
+def _features(X, features):
+    """Flattened selection features (default: the inputs) in the compute dtype (float64 stays float64)."""
+    feats = as_samples(features if features is not None else X, "features" if features is not None else "X").flatten(1)
+    return feats.to(compute_dtype(feats))
+
+
 def random_subset(X, y, ipc: int, seed: int = 0) -> torch.Tensor:
     """``ipc`` random samples per class; sorted indices."""
     y, classes = _per_class(y, ipc)
@@ -83,7 +92,7 @@ def random_subset(X, y, ipc: int, seed: int = 0) -> torch.Tensor:
 def herding_subset(X, y, ipc: int, features: torch.Tensor | None = None) -> torch.Tensor:
     """Per class, the ``ipc`` samples that herding picks on ``features`` (default: flattened inputs)."""
     y, classes = _per_class(y, ipc)
-    feats = (features if features is not None else X).flatten(1).float()
+    feats = _features(X, features)
     picks = []
     for c in classes.tolist():
         rows = torch.nonzero(y == c).flatten()
@@ -94,7 +103,8 @@ def herding_subset(X, y, ipc: int, features: torch.Tensor | None = None) -> torc
 def kmeans_subset(X, y, ipc: int, features: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """Per class, the real sample nearest to each of ``ipc`` k-means centroids."""
     y, classes = _per_class(y, ipc)
-    feats = (features if features is not None else X).flatten(1).float()
+    feats = _features(X, features)
+    feats = feats - feats.mean(0)  # centred: assign() and cdist expand ||x - c||^2, which cancels on uncentred data
     picks = []
     for c in classes.tolist():
         rows = torch.nonzero(y == c).flatten()

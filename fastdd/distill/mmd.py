@@ -186,6 +186,7 @@ def rbf_row_sums(q, k, qseg, kseg, gamma: float) -> torch.Tensor:
 def median_gamma(x: torch.Tensor, max_rows: int = 512) -> float:
     """``1 / median squared pairwise distance`` of (at most ``max_rows``) rows: the median heuristic."""
     x = x.detach().float()[:max_rows]
+    x = x - x.mean(0)  # the distance expansion cancels on uncentred rows (ReLU features are)
     d = _sq_dists(x, x)
     off_diag = d[~torch.eye(len(x), dtype=torch.bool, device=x.device)]
     med = float(off_diag.median()) if off_diag.numel() else 1.0
@@ -214,6 +215,10 @@ def class_mmd(real: torch.Tensor, real_counts: torch.Tensor, syn: torch.Tensor, 
         return (segment_mean(real, rseg) - segment_mean(syn, sseg)).square().sum(1)
     if gamma is None:
         gamma = median_gamma(real)
+    # RBF distances are shift invariant, and the kernels expand ||x - y||^2, which cancels on
+    # uncentred embeddings: subtract one constant (detached) mean from both sides
+    offset = real.detach().float().mean(0)
+    real, syn = real.float() - offset, syn.float() - offset  # in fp32: bf16 would round the shift
     C = rseg.numel() - 1
     n, m = rseg.diff().clamp_min(1).float(), sseg.diff().clamp_min(1).float()
 

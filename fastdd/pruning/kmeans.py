@@ -1,8 +1,11 @@
 """k-means (k-means++ seeding, Lloyd iterations) and self-supervised prototype scores.
 
 Assignments are computed a chunk of rows at a time (``||x||^2 - 2 x.c + ||c||^2``
-through one GEMM per chunk), so no more than ``chunk x k`` distances ever exist.
-Works on any device the data lives on.
+through one GEMM per chunk), so no more than ``chunk x k`` distances ever exist. That
+expansion cancels catastrophically on uncentred data, so the Euclidean metric runs on
+data centred at its mean (distances do not change) and centroids are shifted back.
+float64 data is clustered in float64; other dtypes in float32. Works on any device the
+data lives on.
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .._chunking import chunks
-from .._validate import as_labels, as_matrix, check_positive_int
+from .._validate import as_labels, as_matrix, check_positive_int, compute_dtype
 
 METRICS = ("euclidean", "cosine")
 
@@ -39,15 +42,18 @@ class KMeansResult(tuple):
 
 
 def _prepare(X, metric):
+    """The rows to cluster, in the compute dtype, and the offset removed from them: unit rows
+    for the cosine metric (offset 0), rows centred at their mean for the Euclidean one."""
     if metric not in METRICS:
         raise ValueError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
-    X = X.float()
+    X = X.to(compute_dtype(X))
     if metric == "cosine":
         norms = X.norm(dim=1)
         if (norms == 0).any():
             raise ValueError(f"the cosine metric needs non-zero rows; rows {torch.nonzero(norms == 0).flatten()[:5].tolist()} are zero")
-        X = X / norms.unsqueeze(1)
-    return X
+        return X / norms.unsqueeze(1), None
+    offset = X.mean(0)
+    return X - offset, offset
 
 
 def assign(X: torch.Tensor, C: torch.Tensor, chunk_size: int | None = None, x_sq: torch.Tensor | None = None,
@@ -122,20 +128,22 @@ def kmeans(X, k: int, metric: str = "euclidean", n_init: int = 3, max_iter: int 
     centroid, so the objective never increases.
 
     Returns ``(centroids [k, d], assignments [N])`` as a :class:`KMeansResult`, which also
-    carries ``objective``, ``n_iter`` and, with ``track_history``, the objective after
-    each assignment step of the best run.
+    carries ``objective`` (computed from the differences ``x - c``, exactly), ``n_iter`` and,
+    with ``track_history``, the objective after each assignment step of the best run.
+    Centroids are float64 for float64 ``X``, else float32; the result does not change when
+    every point is shifted by the same vector (beyond rounding of the input).
 
     >>> res = kmeans(torch.randn(100, 4), k=3)
     >>> res.centroids.shape, res.assignments.shape
     (torch.Size([3, 4]), torch.Size([100]))
     """
     X = as_matrix(X, "X")
-    check_positive_int(k, "k")
+    k = check_positive_int(k, "k")
     if k > X.shape[0]:
         raise ValueError(f"k={k} is larger than the number of points ({X.shape[0]})")
-    check_positive_int(n_init, "n_init")
-    check_positive_int(max_iter, "max_iter")
-    Xw = _prepare(X, metric)
+    n_init = check_positive_int(n_init, "n_init")
+    max_iter = check_positive_int(max_iter, "max_iter")
+    Xw, offset = _prepare(X, metric)
     threshold = tol * Xw.var(0, unbiased=False).mean().item() if Xw.shape[0] > 1 else 0.0
     x_sq = Xw.square().sum(1)
     gen = torch.Generator().manual_seed(seed)
@@ -143,13 +151,23 @@ def kmeans(X, k: int, metric: str = "euclidean", n_init: int = 3, max_iter: int 
     for _ in range(n_init):
         C = _kmeanspp(Xw, k, gen, chunk_size)
         C, labels, it, history = _lloyd(Xw, C, x_sq, max_iter, threshold, metric, chunk_size, track_history)
-        labels, dist = assign(Xw, C, chunk_size, x_sq)
-        obj = _objective(dist, metric)
+        labels, _ = assign(Xw, C, chunk_size, x_sq)
+        obj = _objective(_sq_dist_to(Xw, C, labels, chunk_size), metric)
         if track_history:
             history.append(obj)
         if best is None or obj < best.objective:
             best = KMeansResult(C, labels, obj, it, history)
+    if offset is not None:
+        best = KMeansResult(best.centroids + offset, best.assignments, best.objective, best.n_iter, best.history)
     return best
+
+
+def _sq_dist_to(X, C, labels, chunk_size=None):
+    """``||x_i - c_{labels_i}||^2`` from the differences (no cancellation), a chunk of rows at a time."""
+    out = torch.empty(X.shape[0], dtype=X.dtype, device=X.device)
+    for s in chunks(X.shape[0], chunk_size or 1 << 16):
+        out[s] = (X[s] - C[labels[s]]).square().sum(1)
+    return out
 
 
 def _lloyd(X, C, x_sq, max_iter, threshold, metric, chunk_size, track_history):
@@ -159,13 +177,13 @@ def _lloyd(X, C, x_sq, max_iter, threshold, metric, chunk_size, track_history):
     k = C.shape[0]
     labels, d1, d2 = assign(X, C, chunk_size, x_sq, second=True)
     upper, lower = d1.sqrt(), d2.sqrt()
-    # float32 distances from the expansion ||x||^2 - 2 x.c + ||c||^2: keep a safety margin
-    margin = 1e-4 * float(x_sq.mean().sqrt()) + 1e-12
+    # distances from the expansion ||x||^2 - 2 x.c + ||c||^2 (on centred data): keep a safety margin
+    margin = (1e-4 if X.dtype != torch.float64 else 1e-10) * float(x_sq.mean().sqrt()) + 1e-12
     history = []
     it = 0
     for it in range(1, max_iter + 1):
         if track_history:  # the objective of this assignment, exactly
-            history.append(_objective((X - C[labels]).square().sum(1), metric))
+            history.append(_objective(_sq_dist_to(X, C, labels, chunk_size), metric))
         sums = torch.zeros_like(C).index_add_(0, labels, X)
         counts = torch.bincount(labels, minlength=k)
         nonempty = counts > 0
@@ -206,17 +224,17 @@ def prototype_scores(embeddings, n_clusters: int, labels=None, n_init: int = 3, 
     With ``labels``, each class is clustered on its own (``min(n_clusters, class size)``
     clusters), which also makes mislabelled examples far from their class score hard.
 
-    Returns ``[N]`` scores in [0, 2]; larger is harder.
+    Returns ``[N]`` scores in [0, 2] (float64 for float64 embeddings, else float32); larger is harder.
     """
     E = as_matrix(embeddings, "embeddings")
-    check_positive_int(n_clusters, "n_clusters")
+    n_clusters = check_positive_int(n_clusters, "n_clusters")
     if labels is None:
         if n_clusters > E.shape[0]:
             raise ValueError(f"n_clusters={n_clusters} is larger than the number of points ({E.shape[0]})")
         res = kmeans(E, n_clusters, metric="cosine", n_init=n_init, max_iter=max_iter, seed=seed, chunk_size=chunk_size)
         return _cosine_distance_to_nearest(E, res.centroids)
     labels = as_labels(labels, "labels", n=E.shape[0])
-    scores = torch.empty(E.shape[0], dtype=torch.float32, device=E.device)
+    scores = torch.empty(E.shape[0], dtype=compute_dtype(E), device=E.device)
     for c in torch.unique(labels).tolist():
         rows = torch.nonzero(labels == c).flatten()
         res = kmeans(E[rows], min(n_clusters, len(rows)), metric="cosine", n_init=n_init, max_iter=max_iter,
@@ -226,5 +244,6 @@ def prototype_scores(embeddings, n_clusters: int, labels=None, n_init: int = 3, 
 
 
 def _cosine_distance_to_nearest(E, centroids):
-    _, sq = assign(F.normalize(E.float(), dim=1), centroids)
-    return sq / 2  # 1 - cos for unit vectors
+    U = F.normalize(E.to(centroids.dtype), dim=1)
+    labels, _ = assign(U, centroids)
+    return _sq_dist_to(U, centroids, labels) / 2  # 1 - cos for unit vectors

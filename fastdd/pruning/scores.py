@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import as_labels, check_positive_int
+from .._validate import as_labels, as_samples, check_positive_int, compute_dtype
 from ..distributed import all_gather_rows, shard
 from ..grad import per_sample_grad_norms
 from ..grad.per_sample_linear import acc_dtype
@@ -17,9 +17,9 @@ ModelFactory = Callable[[], nn.Module]
 
 
 def _check_xy(X, y):
-    if not isinstance(X, torch.Tensor) or X.dim() < 2:
-        raise ValueError(f"X must be a tensor [N, ...], got {type(X).__name__} {tuple(getattr(X, 'shape', ()))}")
-    return as_labels(y, "y", n=X.shape[0])
+    """``(X, y)`` as tensors: X non-empty ``[N, ...]`` and finite, y integer labels ``[N]``."""
+    X = as_samples(X, "X")
+    return X, as_labels(y, "y", n=X.shape[0])
 
 
 def _fresh(model_fn: ModelFactory, seed: int) -> nn.Module:
@@ -36,15 +36,17 @@ def el2n_scores(model_fn: ModelFactory, X: torch.Tensor, y, epochs: int = 10, n_
     averaged over ``n_runs`` fresh models from ``model_fn()``. Larger is harder.
 
     ``train_options`` go to :func:`fastdd.train.train_model` (batch_size, lr, ...).
-    Returns ``[N]`` fp32 scores.
+    Returns ``[N]`` scores in the models' output dtype (float64 for float64 models, else float32).
     """
-    y = _check_xy(X, y)
-    check_positive_int(n_runs, "n_runs")
-    total = torch.zeros(len(y))
+    X, y = _check_xy(X, y)
+    n_runs = check_positive_int(n_runs, "n_runs")
+    total = None
     for run in range(n_runs):
         model = train_model(_fresh(model_fn, seed + run), X, y, epochs=epochs, seed=seed + run, **train_options)
-        probs = F.softmax(predict(model, X).float(), dim=1)
-        total += (probs - F.one_hot(y, probs.shape[1]).float()).norm(dim=1).cpu()
+        logits = predict(model, X)
+        probs = F.softmax(logits.to(compute_dtype(logits)), dim=1)
+        err = (probs - F.one_hot(y.to(probs.device), probs.shape[1]).to(probs.dtype)).norm(dim=1).cpu()
+        total = err if total is None else total + err
     return total / n_runs
 
 
@@ -56,11 +58,12 @@ def grand_scores(model, X: torch.Tensor, y, n_models: int = 1, epochs: int = 0, 
     ``() -> nn.Module`` whose ``n_models`` fresh models are trained ``epochs`` epochs and
     averaged. Norms come from the gradient engine without materializing per-sample
     gradients; under an initialized process group each rank scores a share of the
-    batches and every rank gets all scores. Returns ``[N]`` fp32 scores; larger is harder.
+    batches and every rank gets all scores. Returns ``[N]`` scores in the norms' dtype
+    (float64 for float64 parameters, else float32); larger is harder.
     """
-    y = _check_xy(X, y)
-    check_positive_int(n_models, "n_models")
-    check_positive_int(batch_size, "batch_size")
+    X, y = _check_xy(X, y)
+    n_models = check_positive_int(n_models, "n_models")
+    batch_size = check_positive_int(batch_size, "batch_size")
     if isinstance(model, nn.Module):
         if n_models != 1 or epochs:
             raise ValueError("with a model instance, n_models must be 1 and epochs 0; pass a factory to average fresh models")
@@ -68,7 +71,7 @@ def grand_scores(model, X: torch.Tensor, y, n_models: int = 1, epochs: int = 0, 
     else:
         models = (train_model(_fresh(model, seed + i), X, y, epochs=epochs, seed=seed + i, **train_options)
                   if epochs else _fresh(model, seed + i).eval() for i in range(n_models))
-    total = torch.zeros(len(y))
+    total = None
     starts = list(range(0, len(y), batch_size))
     mine = starts[shard(len(starts))]  # under torch.distributed: this rank's batches, in order
     for m in models:
@@ -76,7 +79,8 @@ def grand_scores(model, X: torch.Tensor, y, n_models: int = 1, epochs: int = 0, 
         if not local:  # a rank with no batch still takes part in the gather, with the norms' dtype
             p0 = next(m.parameters())
             local = [torch.zeros(0, device=p0.device, dtype=acc_dtype(p0))]
-        total += all_gather_rows(torch.cat(local)).cpu()
+        norms = all_gather_rows(torch.cat(local)).cpu()
+        total = norms if total is None else total + norms
     return total / n_models
 
 

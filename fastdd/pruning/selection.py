@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._validate import as_labels, as_matrix, check_finite, check_fraction, check_positive_int
+from .._validate import as_labels, as_matrix, as_tensor, check_finite, check_fraction, check_positive_int, compute_dtype
 
 KEEPS = ("hard", "easy", "random")
 
@@ -63,13 +63,14 @@ def select(scores, fraction: float, keep: str = "hard", labels=None, seed: int =
             shared among the other classes, with a warning saying so).
         seed: breaks ties and draws the random subset.
     """
-    scores = torch.as_tensor(scores)
+    scores = as_tensor(scores, "scores")
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-d [N], got shape {tuple(scores.shape)}")
     if keep not in KEEPS:
         raise ValueError(f"keep must be 'hard', 'easy' or 'random', got {keep!r}")
     fraction = check_fraction(fraction)
-    scores = scores.float().cpu()
+    # ranked in the scores' own precision (float64 near-ties stay apart); integers exactly
+    scores = scores.cpu() if scores.dtype in (torch.float64, torch.float32) else scores.double().cpu()
     if keep != "random":
         check_finite(scores, "scores")
     N = len(scores)
@@ -122,6 +123,14 @@ def recommend_keep(n_samples: int, fraction: float, num_classes: int = 1, abunda
                                   "data is scarce, so keep the easy, prototypical examples")
 
 
+def _centred(embeddings) -> torch.Tensor:
+    """Embeddings in the compute dtype, centred at their mean: both greedy rules use the expansion
+    ``||x||^2 - 2 x.c + ||c||^2``, which cancels on uncentred data, and a common shift changes no pick."""
+    E = as_matrix(embeddings, "embeddings")
+    E = E.to(compute_dtype(E))
+    return E - E.mean(0)
+
+
 def kcenter_greedy(embeddings, budget: int, seed: int = 0, initial=None) -> torch.Tensor:
     """Greedy k-center coreset (Sener & Savarese 2018): each pick is the point farthest from
     those already picked. O(N) memory (one distance per point), never budget x N.
@@ -129,9 +138,9 @@ def kcenter_greedy(embeddings, budget: int, seed: int = 0, initial=None) -> torc
     ``initial``: indices already in the set (default: one seeded random point).
     Returns ``[budget]`` indices in the order picked.
     """
-    E = as_matrix(embeddings, "embeddings").float()
+    E = _centred(embeddings)
     N = E.shape[0]
-    check_positive_int(budget, "budget")
+    budget = check_positive_int(budget, "budget")
     if budget > N:
         raise ValueError(f"budget={budget} is larger than the number of points ({N})")
     if initial is None:
@@ -142,15 +151,17 @@ def kcenter_greedy(embeddings, budget: int, seed: int = 0, initial=None) -> torc
         if not picked or min(picked) < 0 or max(picked) >= N:
             raise ValueError(f"initial must hold indices in [0, {N}), got {picked[:5]}")
     sq = E.square().sum(1)
-    min_dist = torch.full((N,), float("inf"), device=E.device)
-    for i in picked:
-        min_dist = torch.minimum(min_dist, sq - 2 * E @ E[i] + sq[i])
+    min_dist = torch.full((N,), float("inf"), dtype=E.dtype, device=E.device)
     chosen = list(dict.fromkeys(picked))
+    for i in chosen:
+        min_dist = torch.minimum(min_dist, sq - 2 * E @ E[i] + sq[i])
+    # a picked point is never picked again, whatever its distance (duplicates have distance 0 too)
+    min_dist[chosen] = -float("inf")
     while len(chosen) < budget:
         i = int(min_dist.argmax())
         chosen.append(i)
         min_dist = torch.minimum(min_dist, sq - 2 * E @ E[i] + sq[i])
-        min_dist[i] = -1.0  # never picked twice
+        min_dist[i] = -float("inf")  # stays -inf: minimum() never raises it
     return torch.tensor(chosen[:budget], dtype=torch.long)
 
 
@@ -158,9 +169,9 @@ def herding(embeddings, budget: int) -> torch.Tensor:
     """Herding (Welling 2009, as in iCaRL): each pick brings the mean of the picked set
     closest to the mean of all points. O(N) memory. Returns ``[budget]`` indices in order.
     """
-    E = as_matrix(embeddings, "embeddings").float()
+    E = _centred(embeddings)
     N = E.shape[0]
-    check_positive_int(budget, "budget")
+    budget = check_positive_int(budget, "budget")
     if budget > N:
         raise ValueError(f"budget={budget} is larger than the number of points ({N})")
     mu = E.mean(0)

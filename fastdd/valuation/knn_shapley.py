@@ -9,6 +9,10 @@ For one test point with training points sorted by distance (nearest first)
     s_{a_i} = s_{a_{i+1}} + (m_i - m_{i+1}) / K * min(K, i) / i,
 
 i.e. a reversed cumulative sum after one sort. Values are averaged over test points.
+
+Distances come from one GEMM per chunk (``||x_tr||^2 - 2 x.x_tr``) on data centred at the
+training mean: the ranking does not change under a common shift, and the expansion does
+not cancel on uncentred data. float64 inputs are ranked in float64.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 
 from .._chunking import chunks, rows_per_chunk
 from ..distributed import all_gather_rows, all_sum, shard
-from .._validate import as_labels, as_matrix, check_positive_int
+from .._validate import as_labels, as_matrix, check_positive_int, compute_dtype
 
 
 def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | None = None,
@@ -32,8 +36,9 @@ def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | 
         return_per_test: also return the ``[T, N]`` matrix of per-test values.
 
     Returns:
-        ``[N]`` values averaged over test points (and the ``[T, N]`` matrix if asked).
-        Larger is more helpful; mislabelled points get negative values.
+        ``[N]`` values averaged over test points (and the ``[T, N]`` matrix if asked), float64
+        for float64 features, else float32. Larger is more helpful; mislabelled points get
+        negative values.
 
     Under an initialized ``torch.distributed`` group the test points are split across ranks
     and every rank returns the full result (:mod:`fastdd.distributed`).
@@ -45,24 +50,27 @@ def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | 
     N, T = X_train.shape[0], X_test.shape[0]
     y_train = as_labels(y_train, "y_train", n=N).to(X_train.device)
     y_test = as_labels(y_test, "y_test", n=T).to(X_train.device)
-    check_positive_int(k, "k")
+    k = check_positive_int(k, "k")
     if k > N:
         raise ValueError(f"k={k} is larger than the training set ({N} points)")
-    X_train, X_test = X_train.float(), X_test.float().to(X_train.device)
+    dtype = torch.promote_types(compute_dtype(X_train), compute_dtype(X_test))
+    X_train, X_test = X_train.to(dtype), X_test.to(device=X_train.device, dtype=dtype)
+    offset = X_train.mean(0)  # centre both sides: the expansion below then keeps its precision
+    X_train, X_test = X_train - offset, X_test - offset
     tr_sq = X_train.square().sum(1)
-    i = torch.arange(1, N, device=X_train.device, dtype=torch.float32)  # 1-indexed ranks 1..N-1
+    i = torch.arange(1, N, device=X_train.device, dtype=dtype)  # 1-indexed ranks 1..N-1
     weight = torch.clamp(i, max=k) / (i * k)  # min(K, i) / (i K)
     total = torch.zeros(N, dtype=torch.float64, device=X_train.device)
     mine = shard(T)  # this rank's test points (all of them without a process group)
     T_mine = mine.stop - mine.start
-    per_test = torch.empty(T_mine, N, dtype=torch.float32, device=X_train.device) if return_per_test else None
+    per_test = torch.empty(T_mine, N, dtype=dtype, device=X_train.device) if return_per_test else None
     # a chunk holds distances, sort order and values: about 4 x 4 bytes per (test, train) pair
     for local in chunks(T_mine, rows_per_chunk(T_mine, 16 * N, chunk_size)):
         s = slice(mine.start + local.start, mine.start + local.stop)
         xt = X_test[s]
         dist = torch.addmm(tr_sq.unsqueeze(0), xt, X_train.T, alpha=-2.0)  # ||x_tr||^2 - 2 x.x_tr
         order = torch.argsort(dist, dim=1, stable=True)  # ties: lower index first
-        match = (y_train[order] == y_test[s].unsqueeze(1)).float()  # [c, N] in sorted order
+        match = (y_train[order] == y_test[s].unsqueeze(1)).to(dtype)  # [c, N] in sorted order
         diffs = (match[:, :-1] - match[:, 1:]) * weight  # [c, N-1]
         vals = torch.empty_like(match)
         vals[:, -1] = match[:, -1] / N
@@ -71,5 +79,5 @@ def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | 
         total.index_add_(0, order.reshape(-1), vals.reshape(-1).double())
         if per_test is not None:
             per_test[local] = torch.empty_like(vals).scatter_(1, order, vals)
-    values = (all_sum(total) / T).float()
+    values = (all_sum(total) / T).to(dtype)
     return (values, all_gather_rows(per_test)) if return_per_test else values

@@ -8,6 +8,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checkpoint
+from .._validate import as_samples, as_tensor
+
+
+def _ce(outputs, targets):
+    return F.cross_entropy(outputs, targets, reduction="none")
 
 
 def _test_losses(model, X_test, y_test, loss_fn):
@@ -29,20 +34,28 @@ def leave_one_out(train_fn: Callable[..., nn.Module], X, y, X_test, y_test, indi
             starts near the answer.
         indices: training points to leave out (default all).
         loss_fn: ``loss_fn(outputs, targets) -> [n]`` (default cross-entropy).
-        checkpoint: a file to save finished rows to; a rerun with the same file resumes.
+        checkpoint: a file to save finished rows to; a rerun with the same file resumes. Its
+            identity covers the data (fingerprints of X, y, X_test, y_test), the indices and
+            ``warm_start``; a checkpoint of another run is refused. ``train_fn`` and
+            ``loss_fn`` are code, which no fingerprint sees whole: keep them the same.
 
     Positive entries: the test loss rises without the point (the point helps that test point).
     """
+    X, X_test = as_samples(X, "X"), as_samples(X_test, "X_test")
+    y, y_test = as_tensor(y, "y"), as_tensor(y_test, "y_test")
     if len(X) != len(y):
         raise ValueError(f"X has {len(X)} rows but y has {len(y)}")
     if len(X_test) != len(y_test):
         raise ValueError(f"X_test has {len(X_test)} rows but y_test has {len(y_test)}")
     n = len(y)
-    indices = torch.arange(n) if indices is None else torch.as_tensor(indices, dtype=torch.long).flatten()
+    indices = torch.arange(n) if indices is None else as_tensor(indices, "indices").long().flatten()
     if len(indices) and (indices.min() < 0 or indices.max() >= n):
         raise ValueError(f"indices must lie in [0, {n})")
-    loss_fn = loss_fn or (lambda o, t: F.cross_entropy(o, t, reduction="none"))
-    identity = {"method": "leave_one_out", "n": n, "n_test": len(y_test), "indices": indices.tolist()}
+    loss_fn = loss_fn or _ce
+    # a checkpoint of other data (even of the same size) is refused
+    identity = _checkpoint.fingerprint({
+        "method": "leave_one_out", "X": X, "y": y, "X_test": X_test, "y_test": y_test, "indices": indices,
+        "warm_start": warm_start})
     state = _checkpoint.load(checkpoint, identity)
     result = torch.full((len(indices), len(y_test)), float("nan"), dtype=torch.float64)
     done = torch.zeros(len(indices), dtype=torch.bool)
@@ -65,4 +78,4 @@ def leave_one_out(train_fn: Callable[..., nn.Module], X, y, X_test, y_test, indi
         done[row] = True
         if checkpoint and (count % checkpoint_every == 0 or count == len(todo)):
             _checkpoint.save(checkpoint, {"identity": identity, "result": result, "done": done})
-    return result.float()
+    return result if X.dtype == torch.float64 else result.float()

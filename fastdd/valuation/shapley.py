@@ -6,6 +6,7 @@ run with the same seed (the random generator's state is saved too).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -13,15 +14,15 @@ import torch
 
 from ..distributed import all_gather_rows, world
 from .. import _checkpoint
-from .._validate import check_positive_int
+from .._validate import check_nonnegative, check_positive_int
 
 Utility = Callable[[torch.Tensor], float]
 
 
 @dataclass
 class ValuationResult:
-    values: torch.Tensor  # [n]
-    stderr: torch.Tensor  # [n] standard error of each value
+    values: torch.Tensor  # [n] float64 (utilities are Python floats)
+    stderr: torch.Tensor  # [n] float64 standard error of each value
     n_samples: int  # permutations (TMC) or subsets (MSR) used
     converged: bool
 
@@ -43,8 +44,17 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
     once the running utility is within ``truncation_tol * |U(all)|`` of ``U(all)`` the rest
     of the permutation is credited zero (Ghorbani & Zou). Stops after ``max_permutations``
     or once, past ``min_permutations``, the mean standard error is below
-    ``convergence_tol`` times the mean absolute value. With ``truncation_tol=0`` every
-    permutation's marginals sum to ``U(all) - U(empty)`` exactly.
+    ``convergence_tol`` times the mean absolute value (``convergence_tol=0``: never early).
+    ``truncation_tol=0`` means no truncation: plain permutation sampling, an unbiased
+    estimate of the Shapley values whose error falls like ``1 / sqrt(permutations)``, and
+    every permutation's marginals sum to ``U(all) - U(empty)`` exactly.
+
+    With ``checkpoint`` the sums, the generator and whether the run finished are saved; a
+    rerun with the same options resumes (or, if it had finished, returns the same result
+    without more permutations). The run's identity covers ``n``, the seed, the tolerances
+    and a fingerprint of ``utility`` (its class, options and data), so a checkpoint of
+    another run is refused; ``max_permutations`` may grow between runs, not shrink below
+    what is done.
 
     Under a ``torch.distributed`` group each rank walks one permutation of every round of
     ``world_size`` and all ranks return the same values as one process would; rank 0 writes
@@ -52,22 +62,31 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
 
     Returns a :class:`ValuationResult` (values, stderr, permutations used, converged).
     """
-    check_positive_int(n, "n")
-    check_positive_int(max_permutations, "max_permutations")
-    if truncation_tol < 0:
-        raise ValueError(f"truncation_tol must be non-negative, got {truncation_tol}")
-    identity = {"method": "tmc_shapley", "n": n, "seed": seed, "truncation_tol": truncation_tol}
+    n = _check_players(n)
+    max_permutations = check_positive_int(max_permutations, "max_permutations")
+    truncation_tol = check_nonnegative(truncation_tol, "truncation_tol")
+    convergence_tol = check_nonnegative(convergence_tol, "convergence_tol")
+    min_permutations = check_positive_int(min_permutations, "min_permutations")
+    identity = _checkpoint.fingerprint({
+        "method": "tmc_shapley", "n": n, "seed": seed, "truncation_tol": truncation_tol,
+        "convergence_tol": convergence_tol, "min_permutations": min_permutations, "utility": utility})
     state = _checkpoint.load(checkpoint, identity)
     gen = torch.Generator().manual_seed(seed)
+    converged = False
     if state is None:
         full, empty = float(utility(torch.arange(n))), float(utility(torch.empty(0, dtype=torch.long)))
         total, total_sq, done = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64), 0
     else:
         full, empty, total, total_sq, done = state["full"], state["empty"], state["sum"], state["sum_sq"], state["done"]
+        _checkpoint.check_progress(checkpoint, done, max_permutations, "permutations")
+        converged = bool(state["converged"])
         gen.set_state(state["rng"])
     bar = _progress(max_permutations, "TMC-Shapley permutations", progress, done)
-    converged = False
     rank, size = world()
+
+    def snapshot():
+        return {"identity": identity, "full": full, "empty": empty, "sum": total, "sum_sq": total_sq, "done": done,
+                "converged": converged, "rng": gen.get_state()}
 
     def marginals(perm):
         marginal = torch.zeros(n, dtype=torch.float64)
@@ -76,7 +95,7 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
             cur = float(utility(perm[:j + 1]))
             marginal[perm[j]] = cur - prev
             prev = cur
-            if abs(full - cur) <= truncation_tol * abs(full):
+            if truncation_tol > 0 and abs(full - cur) <= truncation_tol * abs(full):
                 break  # the rest of the permutation adds (about) nothing
         return marginal
 
@@ -91,21 +110,27 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
             done += 1
             if bar is not None:
                 bar.update(1)
-            if checkpoint and rank == 0 and (done % checkpoint_every == 0 or done == max_permutations):
-                _checkpoint.save(checkpoint, {"identity": identity, "full": full, "empty": empty, "sum": total,
-                                              "sum_sq": total_sq, "done": done, "rng": gen.get_state()})
-            if done >= min_permutations:
+            if done >= min_permutations and convergence_tol > 0:
                 values, stderr = _mean_stderr(total, total_sq, done)
-                if stderr.mean() <= convergence_tol * values.abs().mean():
-                    converged = True
-                    break
+                converged = bool(stderr.mean() <= convergence_tol * values.abs().mean())
+            if checkpoint and rank == 0 and (done % checkpoint_every == 0 or done == max_permutations or converged):
+                _checkpoint.save(checkpoint, snapshot())
+            if converged:
+                break
     if bar is not None:
         bar.close()
     if checkpoint and rank == 0:
-        _checkpoint.save(checkpoint, {"identity": identity, "full": full, "empty": empty, "sum": total,
-                                      "sum_sq": total_sq, "done": done, "rng": gen.get_state()})
+        _checkpoint.save(checkpoint, snapshot())
     values, stderr = _mean_stderr(total, total_sq, done)
-    return ValuationResult(values.float(), stderr.float(), done, converged)
+    return ValuationResult(values, stderr, done, converged)
+
+
+def _check_players(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+        raise ValueError(f"n must be the number of data points (a positive integer), got {n!r}")
+    if n == 0:
+        raise ValueError("n=0: no samples to value")
+    return int(n)
 
 
 def _mean_stderr(total, total_sq, m):
@@ -120,10 +145,11 @@ def banzhaf_msr(utility: Utility, n: int, n_samples: int = 2000, seed: int = 0, 
 
     Draws subsets with each point in or out with probability 1/2; every utility
     evaluation serves every point: ``value_i = mean U(S : i in S) - mean U(S : i not in S)``.
+    Checkpoints and resumes as :func:`tmc_shapley` does (identity: n, seed, utility).
     """
-    check_positive_int(n, "n")
-    check_positive_int(n_samples, "n_samples")
-    identity = {"method": "banzhaf_msr", "n": n, "seed": seed}
+    n = _check_players(n)
+    n_samples = check_positive_int(n_samples, "n_samples")
+    identity = _checkpoint.fingerprint({"method": "banzhaf_msr", "n": n, "seed": seed, "utility": utility})
     state = _checkpoint.load(checkpoint, identity)
     gen = torch.Generator().manual_seed(seed)
     names = ("sum_in", "sq_in", "cnt_in", "sum_out", "sq_out", "cnt_out")
@@ -132,6 +158,7 @@ def banzhaf_msr(utility: Utility, n: int, n_samples: int = 2000, seed: int = 0, 
         done = 0
     else:
         acc, done = {k: state[k] for k in names}, state["done"]
+        _checkpoint.check_progress(checkpoint, done, n_samples, "subsets")
         gen.set_state(state["rng"])
     bar = _progress(n_samples, "Banzhaf MSR subsets", progress, done)
 
@@ -162,4 +189,4 @@ def banzhaf_msr(utility: Utility, n: int, n_samples: int = 2000, seed: int = 0, 
     var_in = (acc["sq_in"] / c_in - m_in.square()).clamp_min(0)
     var_out = (acc["sq_out"] / c_out - m_out.square()).clamp_min(0)
     stderr = (var_in / c_in + var_out / c_out).sqrt()
-    return ValuationResult((m_in - m_out).float(), stderr.float(), done, bool((acc["cnt_in"] > 0).all() and (acc["cnt_out"] > 0).all()))
+    return ValuationResult(m_in - m_out, stderr, done, bool((acc["cnt_in"] > 0).all() and (acc["cnt_out"] > 0).all()))

@@ -8,6 +8,7 @@ from torch import nn
 
 from ..grad import per_sample_grad_dots, per_sample_grads
 from ..grad.engine import select_params
+from .._validate import as_samples, as_tensor, check_positive_int
 
 
 def tracin(checkpoints: Sequence[nn.Module], learning_rates: Sequence[float], X, y, X_test, y_test,
@@ -17,14 +18,19 @@ def tracin(checkpoints: Sequence[nn.Module], learning_rates: Sequence[float], X,
     ``checkpoints`` are models saved during training (e.g. each epoch), ``learning_rates``
     the learning rate in force after each. Training gradients enter only through dots
     with the test gradients (the engine's dot consumer): never ``n_train x P`` memory.
-    Positive: the training point pushed the test loss down (a proponent).
+    Positive: the training point pushed the test loss down (a proponent). Scores are float64
+    for float64 models, else float32.
     """
     if len(checkpoints) != len(learning_rates) or not checkpoints:
         raise ValueError(f"need one learning rate per checkpoint: {len(checkpoints)} checkpoints, "
                          f"{len(learning_rates)} learning rates")
+    X, X_test = as_samples(X, "X"), as_samples(X_test, "X_test")
+    y, y_test = as_tensor(y, "y"), as_tensor(y_test, "y_test")
     if len(X) != len(y) or len(X_test) != len(y_test):
-        raise ValueError("X/y and X_test/y_test must have matching lengths")
-    scores = torch.zeros(len(y), len(y_test), dtype=torch.float32)
+        raise ValueError(f"X/y and X_test/y_test must have matching lengths, got {len(X)}/{len(y)} and "
+                         f"{len(X_test)}/{len(y_test)}")
+    batch_size, test_chunk = check_positive_int(batch_size, "batch_size"), check_positive_int(test_chunk, "test_chunk")
+    scores = None  # in the dots' dtype: float64 for float64 models
     for model, lr in zip(checkpoints, learning_rates):
         names = list(select_params(model, params))
         for s in range(0, len(y_test), test_chunk):
@@ -32,5 +38,7 @@ def tracin(checkpoints: Sequence[nn.Module], learning_rates: Sequence[float], X,
                                        loss_fn=loss_fn, params=names)
             for b in range(0, len(y), batch_size):
                 dots = per_sample_grad_dots(model, X[b:b + batch_size], y[b:b + batch_size], vectors, loss_fn=loss_fn)
+                if scores is None:
+                    scores = torch.zeros(len(y), len(y_test), dtype=dots.dtype)
                 scores[b:b + batch_size, s:s + test_chunk] += float(lr) * dots.cpu()
     return scores

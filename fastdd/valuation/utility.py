@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import as_labels, as_matrix, check_positive_int
+from .._validate import as_labels, as_matrix, as_samples, check_positive_int, compute_dtype
 
 
 class KNNUtility:
@@ -17,7 +17,12 @@ class KNNUtility:
     """
 
     def __init__(self, X_train, y_train, X_val, y_val, k: int = 5, empty_score: float = 0.0):
-        X_train, X_val = as_matrix(X_train, "X_train").float(), as_matrix(X_val, "X_val").float()
+        X_train, X_val = as_matrix(X_train, "X_train"), as_matrix(X_val, "X_val")
+        if X_train.shape[1] != X_val.shape[1]:
+            raise ValueError(f"X_train has {X_train.shape[1]} features but X_val has {X_val.shape[1]}")
+        dtype = torch.promote_types(compute_dtype(X_train), compute_dtype(X_val))
+        offset = X_train.to(dtype).mean(0)  # centred: cdist's GEMM expansion cancels on uncentred data
+        X_train, X_val = X_train.to(dtype) - offset, X_val.to(device=X_train.device, dtype=dtype) - offset
         self.y_train = as_labels(y_train, "y_train", n=len(X_train))
         self.y_val = as_labels(y_val, "y_val", n=len(X_val))
         self.k = check_positive_int(k, "k")
@@ -54,9 +59,10 @@ class ModelUtility:
     def __init__(self, X_train, y_train, X_val, y_val, l2: float = 1e-2, max_iter: int = 100,
                  empty_score: float = 0.0, model_fn=None, epochs: int = 30, seed: int = 0, **train_options):
         self.model_fn, self.epochs, self.seed, self.train_options = model_fn, epochs, seed, train_options
-        self.X_raw, self.Xv_raw = torch.as_tensor(X_train), torch.as_tensor(X_val)
-        self.X = self.X_raw.flatten(1).float()
-        self.Xv = self.Xv_raw.flatten(1).float()
+        self.X_raw, self.Xv_raw = as_samples(X_train, "X_train"), as_samples(X_val, "X_val")
+        dtype = compute_dtype(self.X_raw)  # float64 data is fitted in float64
+        self.X = self.X_raw.flatten(1).to(dtype)
+        self.Xv = self.Xv_raw.flatten(1).to(dtype)
         self.y = as_labels(y_train, "y_train", n=len(self.X))
         self.yv = as_labels(y_val, "y_val", n=len(self.Xv))
         self.num_classes = int(max(self.y.max(), self.yv.max())) + 1
@@ -76,8 +82,8 @@ class ModelUtility:
             model = train_model(self.model_fn(), self.X_raw[indices], y, epochs=self.epochs, seed=self.seed,
                                 **self.train_options)
             return accuracy(model, self.Xv_raw, self.yv)
-        W = torch.zeros(X.shape[1] + 1, self.num_classes, device=X.device, requires_grad=True)
-        Xa = torch.cat([X, torch.ones(len(X), 1, device=X.device)], 1)
+        W = torch.zeros(X.shape[1] + 1, self.num_classes, device=X.device, dtype=X.dtype, requires_grad=True)
+        Xa = torch.cat([X, X.new_ones(len(X), 1)], 1)
         opt = torch.optim.LBFGS([W], max_iter=self.max_iter, line_search_fn="strong_wolfe")
 
         def closure():
@@ -88,5 +94,5 @@ class ModelUtility:
 
         opt.step(closure)
         with torch.no_grad():
-            pred = (torch.cat([self.Xv, torch.ones(len(self.Xv), 1, device=X.device)], 1) @ W).argmax(1)
+            pred = (torch.cat([self.Xv, self.Xv.new_ones(len(self.Xv), 1)], 1) @ W).argmax(1)
         return (pred == self.yv).float().mean().item()
