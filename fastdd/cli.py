@@ -26,11 +26,33 @@ class UsageError(Exception):
     """A problem with the user's input: reported in one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake on the command line is one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(minimum: int):
+    """An argparse type: a whole number >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 # --------------------------------------------------------------------------- shared pieces
 def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--data", default=None, metavar="PATH",
                    help="a .npz or .pt file with arrays X and y (optional X_test, y_test); default: the bundled digits")
     p.add_argument("--out", required=True, metavar="PATH", help=out_help)
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input of the run)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -52,21 +74,41 @@ def _load(args):
         raise UsageError(str(exc)) from exc
 
 
-def _out_dir(path: str, suffixes: tuple[str, ...] = (), what: str = "") -> None:
-    """Before any work: the folder of ``--out`` exists and, when ``suffixes`` are given, the
-    file has one of them."""
-    if suffixes and not path.endswith(suffixes):
+def _same_file(a: str, b: str) -> bool:
+    if os.path.exists(a) and os.path.exists(b):
+        return os.path.samefile(a, b)
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_out(args, suffixes: tuple[str, ...], what: str) -> None:
+    """Before any work: ``--out`` is a file of one of ``suffixes`` in an existing folder, is no
+    input of the run (``--data``, ``--checkpoint``), and replaces an existing file only with
+    ``--overwrite``."""
+    path = args.out
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a directory; name a file in it")
+    if not path.endswith(suffixes):
         raise UsageError(f"--out {path}: write {what} to a {', '.join(suffixes[:-1])} or {suffixes[-1]} file"
                          if len(suffixes) > 1 else f"--out {path}: write {what} to a {suffixes[0]} file")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UsageError(f"--out {path}: the folder {folder} does not exist")
+    inputs = {"--data": args.data, "--checkpoint": getattr(args, "checkpoint", None)}
+    for flag, given in inputs.items():
+        if given and _same_file(path, given):
+            raise UsageError(f"--out {path} is the {flag} of this run; writing it would destroy it")
+    if args.data and getattr(args, "checkpoint", None) and _same_file(args.data, args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint} is the --data of this run; checkpointing would destroy it")
+    if os.path.exists(path) and not args.overwrite:
+        raise UsageError(f"--out {path} exists: pass --overwrite to replace it, or choose another name")
 
 
 def _check_resume(args) -> None:
     """--resume needs a --checkpoint, and an existing checkpoint needs --resume (no silent overwrite)."""
     if args.resume and not args.checkpoint:
         raise UsageError("--resume needs --checkpoint PATH")
+    if args.checkpoint and os.path.isdir(args.checkpoint):
+        raise UsageError(f"--checkpoint {args.checkpoint} is a directory; name a file")
     if args.checkpoint and os.path.exists(args.checkpoint) and not args.resume:
         raise UsageError(f"--checkpoint {args.checkpoint} exists: pass --resume to continue it, or remove it")
 
@@ -97,10 +139,9 @@ def _method_options(args) -> dict:
 
 def cmd_distill(args) -> None:
     from .distill import distill, evaluate
+    from .distill.api import _check_options
 
-    _out_dir(args.out)
-    data = _load(args)
-    X = _images(data.X_train, "distill")
+    _check_out(args, (".pt", ".pth"), "the synthetic set")
     options = {"model_options": {"width": args.width, "depth": args.depth} if args.model == "convnet" else {},
                "init": args.init}
     if args.low_memory:
@@ -108,7 +149,13 @@ def cmd_distill(args) -> None:
             raise UsageError("--low-memory applies to --method mtt")
         options["low_memory"] = True
     options.update(_method_options(args))
+    try:  # every option is checked before the data is read
+        _check_options(args.method, options)
+    except ValueError as exc:
+        raise UsageError(f"--set: {exc}") from exc
     _check_resume(args)
+    data = _load(args)
+    X = _images(data.X_train, "distill")
     try:
         syn = distill(X, data.y_train, args.method, args.ipc, model=args.model, iterations=args.iterations,
                       seed=args.seed, checkpoint=args.checkpoint, progress=not args.no_progress, **options)
@@ -124,7 +171,7 @@ def cmd_distill(args) -> None:
 
 # --------------------------------------------------------------------------- value
 def _save_scores(path: str, scores, header: str) -> None:
-    """Scores to ``path``: a .csv with an index column, else .npy (checked by ``_out_dir``)."""
+    """Scores to ``path``: a .csv with an index column, else .npy (checked by ``_check_out``)."""
     import numpy as np
 
     values = scores.detach().cpu().double().numpy()
@@ -140,7 +187,10 @@ def cmd_value(args) -> None:
 
     from .valuation import InfluenceFunction, KNNUtility, ModelUtility, knn_shapley, tmc_shapley
 
-    _out_dir(args.out, (".npy", ".csv"), "scores")
+    _check_out(args, (".npy", ".csv"), "scores")
+    if (args.checkpoint or args.resume) and args.method != "tmc":
+        raise UsageError(f"--checkpoint and --resume apply to --method tmc; {args.method} runs in one go "
+                         "and does not checkpoint")
     _check_resume(args)
     data = _load(args)
     Xtr, Xte = data.X_train.flatten(1), data.X_test.flatten(1)
@@ -181,7 +231,7 @@ def cmd_prune(args) -> None:
 
     from .pruning import el2n_scores, prototype_scores, recommend_keep, select, self_supervised_embeddings
 
-    _out_dir(args.out, (".npy", ".csv", ".txt"), "indices")
+    _check_out(args, (".npy", ".csv", ".txt"), "indices")
     if not 0.0 < args.keep <= 1.0:
         raise UsageError(f"--keep must be a fraction in (0, 1], got {args.keep}")
     data = _load(args)
@@ -244,7 +294,7 @@ class _DefaultsAndRawEpilog(argparse.ArgumentDefaultsHelpFormatter, argparse.Raw
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    ap = argparse.ArgumentParser(prog="fastdd", description="Data valuation, pruning and dataset distillation.",
+    ap = _Parser(prog="fastdd", description="Data valuation, pruning and dataset distillation.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Each subcommand has its own --help.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{distill,value,prune,bench,demo}")
@@ -257,17 +307,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=f"options each method takes with --set (see fastdd.distill for their meaning):\n{listing}")
     _add_common(p, "file for the synthetic set (torch; load with fastdd.distill.SyntheticSet.load)")
     p.add_argument("--method", choices=["dd", "dc", "dsa", "dm", "mtt"], default="dm", help="distillation method")
-    p.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    p.add_argument("--iterations", type=int, default=None, help="outer iterations (default: the method's, 200)")
+    p.add_argument("--ipc", type=_count(1), default=10, help="synthetic images per class")
+    p.add_argument("--iterations", type=_count(0), default=None, help="outer iterations (default: the method's, 200)")
     p.add_argument("--model", default="convnet", choices=["convnet", "mlp", "lenet"], help="network")
     p.add_argument("--init", default="real", choices=["real", "noise"], help="start from real images or noise")
-    p.add_argument("--width", type=int, default=64, help="ConvNet width")
-    p.add_argument("--depth", type=int, default=2, help="ConvNet depth")
+    p.add_argument("--width", type=_count(1), default=64, help="ConvNet width")
+    p.add_argument("--depth", type=_count(1), default=2, help="ConvNet depth")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="save progress here every 20 iterations")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     p.add_argument("--low-memory", action="store_true",
                    help="mtt: recompute student steps in the backward (memory of one step, same result)")
-    p.add_argument("--evaluate", type=int, default=0, metavar="N",
+    p.add_argument("--evaluate", type=_count(0), default=0, metavar="N",
                    help="then train N fresh models on the synthetic set and report test accuracy (0: skip)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="a method option, repeatable (e.g. --set lr_img=0.01 --set inner_steps=20); values are "
@@ -277,12 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "file for the values, one per training point (.npy or .csv)")
     p.add_argument("--method", choices=["knn", "tmc", "influence"], default="knn",
                    help="knn: exact KNN-Shapley; tmc: Truncated Monte Carlo Shapley; influence: influence functions")
-    p.add_argument("--k", type=int, default=5, help="neighbours of the KNN utility (knn, tmc)")
+    p.add_argument("--k", type=_count(1), default=5, help="neighbours of the KNN utility (knn, tmc)")
     p.add_argument("--utility", choices=["knn", "logreg"], default="knn", help="utility for tmc")
-    p.add_argument("--permutations", type=int, default=100, help="most permutations for tmc")
+    p.add_argument("--permutations", type=_count(1), default=100, help="most permutations for tmc")
     p.add_argument("--influence", choices=["test", "self"], default="test",
                    help="influence: summed over the test set, or self-influence")
-    p.add_argument("--epochs", type=int, default=100, help="training epochs of the influence model")
+    p.add_argument("--epochs", type=_count(1), default=100, help="training epochs of the influence model")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="tmc: save progress here")
     p.add_argument("--resume", action="store_true", help="tmc: continue the run saved in --checkpoint")
 
@@ -293,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prototypes: self-supervised k-means distance (no labels); el2n: error norm of trained models")
     p.add_argument("--policy", choices=["auto", "easy", "hard"], default="auto",
                    help="keep easy or hard examples; auto follows Sorscher et al. (hard when data is abundant)")
-    p.add_argument("--clusters", type=int, default=0, help="k-means clusters (0: the number of classes)")
-    p.add_argument("--epochs", type=int, default=30, help="training epochs of the embedding / scoring models")
+    p.add_argument("--clusters", type=_count(0), default=0, help="k-means clusters (0: the number of classes)")
+    p.add_argument("--epochs", type=_count(1), default=30, help="training epochs of the embedding / scoring models")
 
     p = sub.add_parser("bench", help="run a benchmark from the source tree's bench/ (extra options pass through)",
                        formatter_class=fmt)

@@ -47,7 +47,8 @@ def test_distill_resume_equals_uninterrupted(tmp_path):
     common = ["distill", "--data", str(data), "--method", "dm", "--ipc", "2", "--width", "8", "--no-progress"]
     ck, a, b = tmp_path / "ck.pt", tmp_path / "a.pt", tmp_path / "b.pt"
     assert main(common + ["--iterations", "2", "--checkpoint", str(ck), "--out", str(a)]) == 0
-    assert main(common + ["--iterations", "4", "--checkpoint", str(ck), "--resume", "--out", str(a)]) == 0
+    assert main(common + ["--iterations", "4", "--checkpoint", str(ck), "--resume", "--out", str(a)]) == 2  # a exists
+    assert main(common + ["--iterations", "4", "--checkpoint", str(ck), "--resume", "--out", str(a), "--overwrite"]) == 0
     assert main(common + ["--iterations", "4", "--out", str(b)]) == 0
     resumed, straight = SyntheticSet.load(str(a)), SyntheticSet.load(str(b))
     assert torch.equal(resumed.images, straight.images) and resumed.info["iterations"] == 4
@@ -135,8 +136,8 @@ def test_value_influence_finds_a_flipped_label_and_tmc_resumes(tmp_path):
     ck, tmc = tmp_path / "tmc.pt", tmp_path / "tmc.npy"
     common = ["value", "--data", str(data), "--method", "tmc", "--no-progress", "--out", str(tmc)]
     assert main(common + ["--permutations", "3", "--checkpoint", str(ck)]) == 0
-    assert main(common + ["--permutations", "6", "--checkpoint", str(ck), "--resume"]) == 0
+    assert main(common + ["--permutations", "6", "--checkpoint", str(ck), "--resume", "--overwrite"]) == 0
     resumed = np.load(tmc)
-    assert main(common + ["--permutations", "6"]) == 0
+    assert main(common + ["--permutations", "6", "--overwrite"]) == 0
     np.testing.assert_allclose(resumed, np.load(tmc), rtol=1e-6)  # resumed = uninterrupted
     assert np.abs(resumed).max() > 0

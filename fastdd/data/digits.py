@@ -37,16 +37,25 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
 
 
 def stratified_split(y: torch.Tensor, test_fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted train and test indices: each class shuffled by a fixed generator, a fraction to test."""
+    """Sorted train and test indices: each class shuffled by a fixed generator, a fraction to test.
+
+    Every class of at least two samples keeps at least one on each side (a small class is
+    never missing from the test split); a class of one sample stays in training. A split
+    that would leave the test side empty is refused.
+    """
     gen = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []
     for c in torch.unique(y):
         idx = torch.nonzero(y == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        n_test = int(round(len(idx) * test_fraction))
+        n_test = min(max(1, int(round(len(idx) * test_fraction))), len(idx) - 1)
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
-    return torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    train, test = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    if len(test) == 0:
+        raise ValueError(f"no class has two samples ({len(y)} samples in all), so nothing can be held out "
+                         "for testing: give a test split (X_test, y_test) or more samples")
+    return train, test
 
 
 def make_blobs_images(n: int, num_classes: int = 10, channels: int = 1, size: int = 8, noise: float = 1.0,

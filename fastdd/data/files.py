@@ -38,6 +38,8 @@ def _check_pair(X: torch.Tensor, y: torch.Tensor, path: str, suffix: str = "") -
         raise DataFileError(f"{path}: y{suffix} must be integer class labels [N], got {y.dtype} {tuple(y.shape)}")
     if len(X) != len(y):
         raise DataFileError(f"{path}: X{suffix} has {len(X)} rows but y{suffix} has {len(y)}")
+    if len(y) == 0:
+        raise DataFileError(f"{path}: X{suffix} and y{suffix} have no samples")
     if len(y) and int(y.min()) < 0:
         raise DataFileError(f"{path}: y{suffix} has negative labels; use classes 0..C-1")
     if not torch.isfinite(X.float()).all():
@@ -74,5 +76,8 @@ def load_data_file(path: str, test_fraction: float = 0.25, seed: int = 0) -> Spl
         if Xt.shape[1:] != X.shape[1:]:
             raise DataFileError(f"{path}: X_test rows have shape {tuple(Xt.shape[1:])}, X rows {tuple(X.shape[1:])}")
         return Split(X, y, Xt, yt)
-    tr, te = stratified_split(y, test_fraction, seed)
+    try:
+        tr, te = stratified_split(y, test_fraction, seed)
+    except ValueError as exc:
+        raise DataFileError(f"{path}: {exc}") from None
     return Split(X[tr], y[tr], X[te], y[te])

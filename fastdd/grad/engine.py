@@ -32,6 +32,19 @@ from .rules import Rule, rule_for, uses_batch_statistics
 
 
 # --------------------------------------------------------------------------- capture
+def refuse_batch_statistics(named_modules, what: str = "per-sample gradients are") -> None:
+    """Refuse a BatchNorm that normalizes with batch statistics: samples interact through them
+    (and a forward in training mode would also update the running statistics)."""
+    for name, m in named_modules:
+        if uses_batch_statistics(m):
+            raise ValueError(
+                f"{type(m).__name__} '{name}' normalizes with batch statistics "
+                f"({'training mode' if m.training else 'track_running_stats=False'}): "
+                f"samples interact, so {what} undefined; call model.eval() "
+                "or use GroupNorm/LayerNorm instead"
+            )
+
+
 @dataclass(eq=False)
 class _Call:
     """One call of a hooked module during the captured forward."""
@@ -132,14 +145,7 @@ class _Capture:
 
     # -- hooks
     def check_batch_statistics(self):
-        for name, m in self.batch_stat_modules:
-            if uses_batch_statistics(m):
-                raise ValueError(
-                    f"{type(m).__name__} '{name}' normalizes with batch statistics "
-                    f"({'training mode' if m.training else 'track_running_stats=False'}): "
-                    "samples interact, so per-sample gradients are undefined; call model.eval() "
-                    "or use GroupNorm/LayerNorm instead"
-                )
+        refuse_batch_statistics(self.batch_stat_modules)
 
     def _root_pre_hook(self, module, args):
         if not (self.active and torch.is_grad_enabled()):

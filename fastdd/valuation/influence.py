@@ -11,12 +11,14 @@ from __future__ import annotations
 import warnings
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .._validate import check_finite
+from .._validate import as_tensor, check_finite
+from ..grad.engine import refuse_batch_statistics
 from ..distributed import all_gather_rows, shard
 from ..grad import per_sample_grad_dots, per_sample_grads
 from ._params import FlatParams
@@ -81,18 +83,23 @@ class InfluenceFunction:
 
         Sets the damping (see the class docstring) and, for the direct solver, forms H.
         """
-        if isinstance(X, torch.Tensor):
-            if y is None or not isinstance(y, torch.Tensor) or len(y) != len(X):
-                raise ValueError(f"y must be a tensor with one target per row of X ({len(X)}), got "
+        refuse_batch_statistics(self.model.named_modules(), "influence (a Hessian of the average loss) is")
+        if isinstance(X, (torch.Tensor, np.ndarray)):
+            X = as_tensor(X, "X")
+            if y is None or len(as_tensor(y, "y")) != len(X):
+                raise ValueError(f"y must be a tensor or array with one target per row of X ({len(X)}), got "
                                  f"{None if y is None else tuple(getattr(y, 'shape', ()))}")
+            y = as_tensor(y, "y")
+            if len(X) == 0:
+                raise ValueError("X has no samples (the training data is empty)")
             if X.dtype.is_floating_point:
                 check_finite(X, "X")
             self.data = [(X[i:i + self.batch_size], y[i:i + self.batch_size]) for i in range(0, len(X), self.batch_size)]
         else:
-            self.data = [(xb, yb) for xb, yb in X]
+            self.data = [(as_tensor(xb, "X batch"), as_tensor(yb, "y batch")) for xb, yb in X]
         self.n = sum(len(yb) for _, yb in self.data)
         if self.n == 0:
-            raise ValueError("the training data is empty")
+            raise ValueError("the training data has no samples")
         if self.loss_fn is _ce:  # cross-entropy: targets must index the model's outputs
             with torch.no_grad():
                 n_out = self.model(self.data[0][0][:1]).shape[-1]
@@ -278,8 +285,13 @@ class InfluenceFunction:
         Under a ``torch.distributed`` group the training batches are split across ranks.
         """
         self._check_fitted()
+        X_test, y_test = as_tensor(X_test, "X_test"), as_tensor(y_test, "y_test")
         if len(X_test) != len(y_test):
             raise ValueError(f"X_test has {len(X_test)} rows but y_test has {len(y_test)}")
+        if len(X_test) == 0:
+            raise ValueError("X_test has no samples")
+        if X_test.dtype.is_floating_point:
+            check_finite(X_test, "X_test")
         out = []
         for s in range(0, len(X_test), self.test_chunk):
             G_test = self._gradients(X_test[s:s + self.test_chunk], y_test[s:s + self.test_chunk], "test")
