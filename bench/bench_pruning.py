@@ -21,17 +21,21 @@ def bench_kmeans(repeat):
 
     gen = torch.Generator().manual_seed(0)
     centers = torch.randn(100, 64, generator=gen) * 4
-    X = centers[torch.randint(0, 100, (100_000,), generator=gen)] + torch.randn(100_000, 64, generator=gen)
-    Xn = X.numpy().astype(np.float32)
+    X0 = centers[torch.randint(0, 100, (100_000,), generator=gen)] + torch.randn(100_000, 64, generator=gen)
     rows = []
-    for iters in (10, 30):
+    # the same data, and the same data shifted by 1000 (uncentred, as raw features are): the
+    # objectives must agree with scikit-learn's on both
+    for offset, iters in ((0.0, 10), (0.0, 30), (1000.0, 30)):
+        X = X0 + offset
+        Xn = X.numpy().astype(np.float32)
         # tol=0 and one init: both run exactly `iters` Lloyd iterations after k-means++
         ours = best_of(lambda: kmeans(X, 100, n_init=1, max_iter=iters, tol=0.0, seed=0), repeat)
         theirs = best_of(lambda: KMeans(100, n_init=1, max_iter=iters, tol=0.0, random_state=0,
                                         algorithm="lloyd").fit(Xn), repeat)
         o = kmeans(X, 100, n_init=1, max_iter=iters, tol=0.0, seed=0).objective
         t = KMeans(100, n_init=1, max_iter=iters, tol=0.0, random_state=0, algorithm="lloyd").fit(Xn).inertia_
-        rows.append(f"| k-means 100,000 x 64, k=100, {iters} iterations | {ours[0]:.3f} | {theirs[0]:.3f} | "
+        shift = f", shifted by {offset:g}" if offset else ""
+        rows.append(f"| k-means 100,000 x 64{shift}, k=100, {iters} iterations | {ours[0]:.3f} | {theirs[0]:.3f} | "
                     f"{theirs[0] / ours[0]:.2f}x | objective {o:.4g} vs {t:.4g} |")
     return rows
 

@@ -19,6 +19,8 @@ max_unroll=None, inner_steps=10, lr_init=0.02, lr_img=0.05`` is the 2018 method.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
@@ -50,12 +52,13 @@ class MetaLearning(Distiller):
                  lr_init: float = 0.01, fixed_init: bool = False, max_unroll: int | None = 100, init: str = "real",
                  momentum: float = 0.9, weight_decay: float = 5e-4, seed: int = 0):
         check_positive_int(inner_steps, "inner_steps")
-        if max_unroll is not None and (not isinstance(max_unroll, int) or max_unroll < inner_steps):
+        if max_unroll is not None and (isinstance(max_unroll, bool) or not isinstance(max_unroll, numbers.Integral)
+                                       or max_unroll < inner_steps):
             raise ValueError(f"max_unroll must be an int >= inner_steps ({inner_steps}), got {max_unroll!r}; "
                              "None unrolls every inner step")
-        if not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        if not isinstance(momentum, numbers.Real) or not 0 <= momentum < 1:
             raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
-        if not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
+        if not isinstance(weight_decay, numbers.Real) or not 0 <= weight_decay < float("inf"):
             raise ValueError(f"weight_decay must be a number in [0, inf), got {weight_decay!r}")
         self.momentum, self.weight_decay = float(momentum), float(weight_decay)
         self.max_unroll = max_unroll or inner_steps

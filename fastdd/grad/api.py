@@ -1,8 +1,11 @@
 """Public per-sample gradient functions and the in-loop context manager."""
 from __future__ import annotations
 
+import numbers
+
 from typing import Iterable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,13 +14,17 @@ from .engine import LossFn, _Capture, _Engine, select_params
 
 
 def _as_tuple(inputs) -> tuple:
-    return tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    """The model's positional inputs; numpy arrays become tensors."""
+    items = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return tuple(torch.from_numpy(x) if isinstance(x, np.ndarray) else x for x in items)
 
 
 def _batch_of(inputs: tuple) -> int:
     first = inputs[0] if inputs else None
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         raise ValueError("inputs must be a tensor [B, ...] (or a tuple whose first item is one)")
+    if first.shape[0] == 0:
+        raise ValueError(f"inputs have no samples (shape {tuple(first.shape)})")
     return first.shape[0]
 
 
@@ -42,6 +49,8 @@ def _per_sample_losses(loss_fn: LossFn | None, outputs, targets, B: int) -> torc
 def _capture_backward(model, inputs, targets, loss_fn, params) -> _Engine:
     inputs = _as_tuple(inputs)
     B = _batch_of(inputs)
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(targets)
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a tensor [B, ...], got {type(targets).__name__}")
     if targets.dim() == 0 or targets.shape[0] != B:
@@ -138,7 +147,7 @@ def classwise_grads(model: nn.Module, inputs, targets: torch.Tensor, num_classes
     class without samples gets zeros. One forward and backward; Linear and Conv layers
     reduce each class with one GEMM, never holding ``[B, *shape]``.
     """
-    if not isinstance(num_classes, int) or num_classes < 1:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     labels = targets if labels is None else labels
     if labels.dim() != 1 or labels.dtype.is_floating_point:

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .._validate import as_labels, check_positive_int
+from .._validate import as_labels, as_samples, as_tensor, check_fraction, check_positive_int
 from ..train import accuracy, train_model
 from .selection import KEEPS, select
 
@@ -85,9 +85,10 @@ def pruning_curve(X: torch.Tensor, y, X_test: torch.Tensor, y_test, scores,
     ``balanced`` splits each budget equally across classes. At 100% every policy keeps
     everything, so one set of models serves all of them.
     """
+    X, X_test = as_samples(X, "X"), as_samples(X_test, "X_test")
     y = as_labels(y, "y", n=len(X))
     y_test = as_labels(y_test, "y_test", n=len(X_test))
-    scores = torch.as_tensor(scores)
+    scores = as_tensor(scores, "scores")
     if len(scores) != len(y):
         raise ValueError(f"scores has {len(scores)} entries but y has {len(y)}")
     check_positive_int(n_seeds, "n_seeds")
@@ -95,7 +96,7 @@ def pruning_curve(X: torch.Tensor, y, X_test: torch.Tensor, y_test, scores,
         if k not in KEEPS:
             raise ValueError(f"keeps must be among {KEEPS}, got {k!r}")
     train_fn = train_fn or default_train_fn(num_classes=int(torch.cat([y, y_test]).max()) + 1)
-    fractions = [float(f) for f in fractions]
+    fractions = [check_fraction(f, "fractions") for f in fractions]
     curve = PruningCurve(fractions, list(keeps), {k: torch.zeros(len(fractions), n_seeds) for k in keeps})
     jobs = [(i, f, s) for i, f in enumerate(fractions) for s in range(n_seeds)]
     if progress:

@@ -75,7 +75,7 @@ def select(scores, fraction: float, keep: str = "hard", labels=None, seed: int =
         check_finite(scores, "scores")
     N = len(scores)
     if N == 0:
-        raise ValueError("scores is empty")
+        raise ValueError("scores has no samples (it is empty)")
     gen = torch.Generator().manual_seed(seed)
     budget = _budget(N, fraction)
     if labels is None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._validate import check_finite, check_positive_int
+from .._validate import as_images, check_positive_int
 
 
 def random_affine(x: torch.Tensor, gen: torch.Generator, max_shift: float = 0.15, max_rotate: float = 15.0,
@@ -57,11 +57,9 @@ def self_supervised_embeddings(X: torch.Tensor, dim: int = 32, epochs: int = 30,
     the NT-Xent loss; the embeddings are the encoder's output (before the head). Pass
     ``encoder`` (any module mapping images to ``[B, dim]``) to train your own instead.
     """
-    if not isinstance(X, torch.Tensor) or X.dim() != 4:
-        raise ValueError(f"X must be images [N, C, H, W], got shape {tuple(getattr(X, 'shape', ()))}")
-    check_finite(X, "X")
-    check_positive_int(dim, "dim")
-    check_positive_int(epochs, "epochs")
+    X = as_images(X, "X")
+    dim = check_positive_int(dim, "dim")
+    epochs = check_positive_int(epochs, "epochs")
     if X.shape[0] < 2:
         raise ValueError("self-supervised training needs at least 2 images")
     torch.manual_seed(seed)

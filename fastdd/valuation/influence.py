@@ -87,7 +87,7 @@ class InfluenceFunction:
         if isinstance(X, (torch.Tensor, np.ndarray)):
             X = as_tensor(X, "X")
             if y is None or len(as_tensor(y, "y")) != len(X):
-                raise ValueError(f"y must be a tensor or array with one target per row of X ({len(X)}), got "
+                raise ValueError(f"y must be a tensor with one target per row of X ({len(X)}; numpy arrays too), got "
                                  f"{None if y is None else tuple(getattr(y, 'shape', ()))}")
             y = as_tensor(y, "y")
             if len(X) == 0:
