@@ -113,7 +113,7 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
             if done >= min_permutations and convergence_tol > 0:
                 values, stderr = _mean_stderr(total, total_sq, done)
                 converged = bool(stderr.mean() <= convergence_tol * values.abs().mean())
-            if checkpoint and rank == 0 and (done % checkpoint_every == 0 or done == max_permutations or converged):
+            if checkpoint and rank == 0 and done % checkpoint_every == 0:
                 _checkpoint.save(checkpoint, snapshot())
             if converged:
                 break
@@ -126,11 +126,9 @@ def tmc_shapley(utility: Utility, n: int, max_permutations: int = 500, truncatio
 
 
 def _check_players(n) -> int:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
-        raise ValueError(f"n must be the number of data points (a positive integer), got {n!r}")
-    if n == 0:
+    if isinstance(n, numbers.Integral) and not isinstance(n, bool) and n == 0:
         raise ValueError("n=0: no samples to value")
-    return int(n)
+    return check_positive_int(n, "n")
 
 
 def _mean_stderr(total, total_sq, m):
