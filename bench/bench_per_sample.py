@@ -30,21 +30,24 @@ WORKLOADS = {
     "linear_seq": "Linear 512->512 over [32, 128, 512]",
     "seq2": "Linear 512->512, GELU, Linear 512->16 over [32, 128, 512]",
 }
-# (workload, consumer, methods) measured; methods: fastdd (into reused buffers for
-# grads), fastdd_alloc (fresh outputs each call), vmap, loop, roofline, and the fixed
+# (workload, consumer, methods) measured; methods: fastdd (into the caller's buffers, out=,
+# for grads), fastdd_alloc (a plain call, result dropped before the next), fastdd_held (a plain
+# call while the previous result is still held, as in `g = per_sample_grads(...)` in a loop),
+# fastdd_fresh (a plain call with the buffer pool off: fresh memory each call, FASTDD_REUSE_BUFFERS=0),
+# vmap, loop, roofline, and the fixed
 # norm strategies gram / materialize (every layer the same) for the sequence model.
 # The "step" consumer is a user's training step (forward, backward, SGD step) alone
 # (plain), with PerSampleGrads norms from that same backward (fastdd), and followed by
 # a separate vmap pass for the norms (vmap).
 PLAN = [
-    ("mlp", "grads", ["fastdd", "fastdd_alloc", "vmap", "loop", "roofline"]),
+    ("mlp", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("mlp", "norms", ["fastdd", "vmap", "loop"]),
     ("mlp", "dots", ["fastdd", "vmap"]),
     ("mlp", "step", ["plain", "fastdd", "vmap"]),
-    ("convnet", "grads", ["fastdd", "fastdd_alloc", "vmap", "loop", "roofline"]),
+    ("convnet", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("convnet", "norms", ["fastdd", "vmap"]),
     ("convnet", "step", ["plain", "fastdd", "vmap"]),
-    ("linear_seq", "grads", ["fastdd", "fastdd_alloc", "vmap", "roofline"]),
+    ("linear_seq", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "roofline"]),
     ("linear_seq", "norms", ["fastdd", "vmap"]),
     ("seq2", "norms", ["fastdd", "gram", "materialize", "vmap"]),
     ("seq2", "dots", ["fastdd", "vmap"]),
@@ -140,6 +143,25 @@ def _method(workload, consumer, method):
 
     if method == "fastdd_alloc":
         return lambda: fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn)
+
+    if method == "fastdd_held":
+        held = [None]
+
+        def plain_call_in_a_loop():  # the previous result stays alive during the call
+            held[0] = fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn)
+            return held[0]
+
+        return plain_call_in_a_loop
+
+    if method == "fastdd_fresh":
+        def without_pool():
+            os.environ["FASTDD_REUSE_BUFFERS"] = "0"
+            try:
+                return fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn)
+            finally:
+                del os.environ["FASTDD_REUSE_BUFFERS"]
+
+        return without_pool
 
     if method in ("gram", "materialize"):  # one fixed norm strategy for every layer, during the call only
         fixed = (lambda T, d, p: T > 1) if method == "gram" else (lambda T, d, p: False)
@@ -289,7 +311,7 @@ def main():
                 row = f"| {WORKLOADS[workload]} | {consumer} | {m} | error: {r['error']} | | | | |"
             else:
                 ratio = f"{r['median_s'] / base:.2f}x" if base else ""
-                gbs = f"{r['bytes'] / r['median_s'] / 1e9:.2f}" if r.get("bytes") and m in ("fastdd", "fastdd_alloc", "vmap", "roofline", "loop") and consumer == "grads" else ""
+                gbs = f"{r['bytes'] / r['median_s'] / 1e9:.2f}" if r.get("bytes") and m in ("fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "roofline", "loop") and consumer == "grads" else ""
                 row = (f"| {WORKLOADS[workload]} | {consumer} | {m} | {1e3 * r['median_s']:.1f} | "
                        f"{1e3 * r['min_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {gbs} |")
             lines.append(row)

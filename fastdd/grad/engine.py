@@ -27,6 +27,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._chunking import chunks, rows_per_chunk
+from . import buffers
 from .per_sample_linear import acc, acc_dtype
 from .rules import Rule, rule_for, uses_batch_statistics
 
@@ -469,12 +470,13 @@ class _Engine:
 
     def grads(self, out: dict | None = None, chunk_size=None) -> dict[str, torch.Tensor]:
         B = self.batch_size
+        for name, buf in (out or {}).items():
+            self._check_out(name, buf)
+        if out is None:  # memory of earlier results the caller has dropped, else new (fastdd.grad.buffers)
+            out = {n: buffers.take((B, *p.shape), p.dtype, p.device) for n, p in self.selected.items()}
         result = {}
         done = set()
         for name, srcs in self.sources.items():
-            buf = None if out is None else out.get(name)
-            if buf is not None and (tuple(buf.shape) != (B, *self.selected[name].shape)):
-                raise ValueError(f"out[{name!r}] must have shape {(B, *self.selected[name].shape)}, got {tuple(buf.shape)}")
             if len(srcs) == 1:
                 src = srcs[0]
                 if id(src) in done:
@@ -495,6 +497,19 @@ class _Engine:
             if name not in result:
                 result[name] = _into(out, name, self._zeros(name, (B,)))
         return {n: result[n] for n in self.selected}
+
+    def _check_out(self, name, buf):
+        """An ``out=`` buffer: a tensor of the parameter's per-sample shape, dtype and device."""
+        if name not in self.selected:
+            raise ValueError(f"out has a buffer for {name!r}, which is not a selected parameter "
+                             f"(selected: {', '.join(self.selected)})")
+        p, want = self.selected[name], (self.batch_size, *self.selected[name].shape)
+        if not isinstance(buf, torch.Tensor) or tuple(buf.shape) != want:
+            raise ValueError(f"out[{name!r}] must have shape {want}, got "
+                             f"{tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__}")
+        if buf.dtype != p.dtype or buf.device != p.device:
+            raise ValueError(f"out[{name!r}] must be {p.dtype} on {p.device} like the parameter, "
+                             f"got {buf.dtype} on {buf.device}")
 
     def sq_norms(self, chunk_size=None) -> torch.Tensor:
         B = self.batch_size
