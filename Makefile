@@ -23,8 +23,10 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q bench --benchmark-disable -p no:cacheprovider
 
 bench: venv
+	$(BIN)/python -m pytest -q bench --benchmark-only --benchmark-autosave
 	$(BIN)/python bench/bench_per_sample.py --out results/bench_per_sample.md
 	$(BIN)/python bench/bench_pruning.py --out results/bench_pruning.md
 	$(BIN)/python bench/bench_valuation.py --out results/bench_valuation.md

@@ -23,13 +23,9 @@ import sys
 import time
 
 from _report import STEADY_MALLOC, reset_peak_rss, rss_kb, write_report
+from workloads import ENGINE, ce, dot_vectors, engine_workload, vmap_consumer
 
-WORKLOADS = {
-    "mlp": "MLP 784-512-256-10, B=256",
-    "convnet": "ConvNet width 32, depth 3, 28x28, B=128",
-    "linear_seq": "Linear 512->512 over [32, 128, 512]",
-    "seq2": "Linear 512->512, GELU, Linear 512->16 over [32, 128, 512]",
-}
+WORKLOADS = ENGINE
 # (workload, consumer, methods) measured; methods: fastdd (into the caller's buffers, out=,
 # for grads), fastdd_alloc (a plain call, result dropped before the next), fastdd_held (a plain
 # call while the previous result is still held, as in `g = per_sample_grads(...)` in a loop),
@@ -56,37 +52,7 @@ PLAN = [
 
 # --------------------------------------------------------------------------- child side
 def _build(workload):
-    import torch
-    from torch import nn
-
-    from fastdd.models import MLP, ConvNet
-
-    g = torch.Generator().manual_seed(0)
-    if workload == "mlp":
-        model = MLP(784, 10, hidden=(512, 256))
-        x, y = torch.randn(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
-        loss = None
-    elif workload == "convnet":
-        model = ConvNet(1, 10, 28, width=32, depth=3)
-        x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
-        loss = None
-    else:
-        layers = [nn.Linear(512, 512)] if workload == "linear_seq" else [nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 16)]
-        model = nn.Sequential(*layers)
-        x = torch.randn(32, 128, 512, generator=g)
-        out_dim = 512 if workload == "linear_seq" else 16
-        y = torch.randn(32, 128, out_dim, generator=g)
-
-        def loss(o, t):
-            return (o - t).square().flatten(1).sum(1)
-
-    return model, x, y, loss
-
-
-def _ce(o, t):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(o, t, reduction="none")
+    return engine_workload(workload)
 
 
 def _method(workload, consumer, method):
@@ -98,11 +64,10 @@ def _method(workload, consumer, method):
     from fastdd.grad import per_sample_linear
 
     model, x, y, loss = _build(workload)
-    loss_fn = loss or _ce
+    loss_fn = loss or ce
     params = dict(model.named_parameters())
     B = x.shape[0]
-    K = 8
-    vectors = {n: torch.randn(K, *p.shape) for n, p in params.items()}
+    vectors = dot_vectors(model)
 
     if method == "roofline":  # write the bytes of every per-sample gradient into buffers like fastdd's
         bufs = [torch.empty(B, *p.shape) for p in params.values()]
@@ -185,17 +150,7 @@ def _method(workload, consumer, method):
         return lambda: fastdd.per_sample_grad_dots(model, x, y, vectors, loss_fn=loss_fn)
 
     if method == "vmap":
-        detached = {n: p.detach() for n, p in params.items()}
-
-        def one(p, xi, yi):
-            return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))[0]
-
-        per_sample = vmap(grad(one), in_dims=(None, 0, 0))
-        if consumer == "grads":
-            return lambda: per_sample(detached, x, y)
-        if consumer == "norms":
-            return lambda: sum(g.flatten(1).square().sum(1) for g in per_sample(detached, x, y).values()).sqrt()
-        return lambda: sum(g.flatten(1) @ vectors[n].flatten(1).T for n, g in per_sample(detached, x, y).items())
+        return vmap_consumer(model, x, y, loss_fn, consumer, vectors)
 
     if method == "loop":
         plist = list(params.values())

@@ -11,6 +11,7 @@ import torch
 
 from fastdd._timing import best_of
 from _report import write_report
+from workloads import kmeans_blobs
 
 
 def bench_kmeans(repeat):
@@ -19,14 +20,11 @@ def bench_kmeans(repeat):
 
     from fastdd.pruning import kmeans
 
-    gen = torch.Generator().manual_seed(0)
-    centers = torch.randn(100, 64, generator=gen) * 4
-    X0 = centers[torch.randint(0, 100, (100_000,), generator=gen)] + torch.randn(100_000, 64, generator=gen)
     rows = []
     # the same data, and the same data shifted by 1000 (uncentred, as raw features are): the
     # objectives must agree with scikit-learn's on both
     for offset, iters in ((0.0, 10), (0.0, 30), (1000.0, 30)):
-        X = X0 + offset
+        X = kmeans_blobs(offset)
         Xn = X.numpy().astype(np.float32)
         # tol=0 and one init: both run exactly `iters` Lloyd iterations after k-means++
         ours = best_of(lambda: kmeans(X, 100, n_init=1, max_iter=iters, tol=0.0, seed=0), repeat)

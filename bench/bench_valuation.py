@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from _report import write_report
+from workloads import knn_problem
 
 
 def timed(fn):
@@ -77,9 +78,7 @@ def bench_influence(loop_points):
 def bench_knn():
     from fastdd.valuation import knn_shapley
 
-    g = torch.Generator().manual_seed(0)
-    X, y = torch.randn(100_000, 64, generator=g), torch.randint(0, 10, (100_000,), generator=g)
-    Xt, yt = torch.randn(1000, 64, generator=g), torch.randint(0, 10, (1000,), generator=g)
+    X, y, Xt, yt = knn_problem()
     t, v = timed(lambda: knn_shapley(X, y, Xt, yt, k=5))
     # uncentred features (every point shifted by 1e4, as float32 holds them): the same time, and the
     # same values as float64 computes on those very numbers (the GEMM expansion runs on centred data)

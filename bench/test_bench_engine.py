@@ -1,0 +1,59 @@
+"""pytest-benchmark: the per-sample gradient engine against torch.func vmap, per consumer and
+workload (groups "<consumer>: <workload>"). The workloads are bench/workloads.py's, shared with
+bench_per_sample.py (which writes the markdown table with ratios and memory).
+
+    pytest bench/test_bench_engine.py --benchmark-only [--benchmark-autosave]
+"""
+import pytest
+import torch
+
+import fastdd
+from conftest import backends
+from workloads import ENGINE, dot_vectors, engine_workload, vmap_consumer
+
+CONSUMERS = {"grads": ["mlp", "convnet", "linear_seq"], "norms": ["mlp", "convnet", "seq2"], "dots": ["mlp", "seq2"]}
+# fastdd through every backend this machine has (CPU: the torch path), the public alternative
+METHODS = [f"fastdd-{b}" for b in backends()] + ["fastdd-plain", "vmap"]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _case(consumer, workload, method, force_backend):
+    model, x, y, loss_fn = engine_workload(workload)
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+    vectors = {n: v.to(DEVICE) for n, v in dot_vectors(model).items()} if consumer == "dots" else None
+    if method == "vmap":
+        return vmap_consumer(model, x, y, loss_fn, consumer, vectors)
+    if method.startswith("fastdd-") and method != "fastdd-plain":
+        force_backend(method.split("-", 1)[1])
+    if consumer == "grads":
+        if method == "fastdd-plain":  # no out=: what a plain call in a loop gets
+            return lambda: fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn)
+        out = {n: torch.empty(x.shape[0], *p.shape, device=DEVICE) for n, p in model.named_parameters()}
+        return lambda: fastdd.per_sample_grads(model, x, y, loss_fn=loss_fn, out=out)
+    if consumer == "norms":
+        return lambda: fastdd.per_sample_grad_norms(model, x, y, loss_fn=loss_fn)
+    return lambda: fastdd.per_sample_grad_dots(model, x, y, vectors, loss_fn=loss_fn)
+
+
+def _sync(fn):
+    if DEVICE != "cuda":
+        return fn
+
+    def synced():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+    return synced
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("consumer,workload", [(c, w) for c, ws in CONSUMERS.items() for w in ws])
+def test_engine(benchmark, force_backend, consumer, workload, method):
+    if consumer != "grads" and method == "fastdd-plain":
+        pytest.skip("plain and out= differ only for materialized gradients")
+    benchmark.group = f"{consumer}: {ENGINE[workload]}"
+    fn = _sync(_case(consumer, workload, method, force_backend))
+    result = benchmark(fn)
+    B = engine_workload(workload)[1].shape[0]
+    rows = next(iter(result.values())).shape[0] if isinstance(result, dict) else result.shape[0]
+    assert rows == B  # each method returns one row per sample

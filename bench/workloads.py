@@ -1,0 +1,86 @@
+"""The benchmark workloads, defined once: the ratio scripts (bench_*.py, markdown tables) and
+the pytest-benchmark suites (test_bench_*.py) both build them from here."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# --------------------------------------------------------------------------- the gradient engine
+ENGINE = {
+    "mlp": "MLP 784-512-256-10, B=256",
+    "convnet": "ConvNet width 32, depth 3, 28x28, B=128",
+    "linear_seq": "Linear 512->512 over [32, 128, 512]",
+    "seq2": "Linear 512->512, GELU, Linear 512->16 over [32, 128, 512]",
+}
+
+
+def engine_workload(name: str):
+    """``(model, x, y, loss_fn)`` of an engine workload (``loss_fn`` None: cross-entropy)."""
+    from fastdd.models import MLP, ConvNet
+
+    g = torch.Generator().manual_seed(0)
+    if name == "mlp":
+        model = MLP(784, 10, hidden=(512, 256))
+        x, y = torch.randn(256, 1, 28, 28, generator=g), torch.randint(0, 10, (256,), generator=g)
+        return model, x, y, None
+    if name == "convnet":
+        model = ConvNet(1, 10, 28, width=32, depth=3)
+        x, y = torch.randn(128, 1, 28, 28, generator=g), torch.randint(0, 10, (128,), generator=g)
+        return model, x, y, None
+    if name not in ENGINE:
+        raise ValueError(f"unknown engine workload {name!r}; one of {sorted(ENGINE)}")
+    layers = [nn.Linear(512, 512)] if name == "linear_seq" else [nn.Linear(512, 512), nn.GELU(), nn.Linear(512, 16)]
+    model = nn.Sequential(*layers)
+    x = torch.randn(32, 128, 512, generator=g)
+    y = torch.randn(32, 128, 512 if name == "linear_seq" else 16, generator=g)
+    return model, x, y, sequence_loss
+
+
+def sequence_loss(o, t):
+    return (o - t).square().flatten(1).sum(1)
+
+
+def ce(o, t):
+    return F.cross_entropy(o, t, reduction="none")
+
+
+def dot_vectors(model, k: int = 8) -> dict:
+    """``k`` fixed random vectors per parameter, for the dot consumer."""
+    g = torch.Generator().manual_seed(1)
+    return {n: torch.randn(k, *p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+def vmap_consumer(model, x, y, loss_fn, consumer: str, vectors=None):
+    """The public alternative: ``torch.func`` vmap(grad) per sample, then the consumer."""
+    from torch.func import functional_call, grad, vmap
+
+    loss_fn = loss_fn or ce
+    detached = {n: p.detach() for n, p in model.named_parameters()}
+
+    def one(p, xi, yi):
+        return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))[0]
+
+    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+    if consumer == "grads":
+        return lambda: per_sample(detached, x, y)
+    if consumer == "norms":
+        return lambda: sum(g.flatten(1).square().sum(1) for g in per_sample(detached, x, y).values()).sqrt()
+    return lambda: sum(g.flatten(1) @ vectors[n].flatten(1).T for n, g in per_sample(detached, x, y).items())
+
+
+# --------------------------------------------------------------------------- pruning and valuation
+def kmeans_blobs(offset: float = 0.0):
+    """100,000 x 64 points around 100 centres (optionally all shifted by ``offset``)."""
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(100, 64, generator=gen) * 4
+    X = centers[torch.randint(0, 100, (100_000,), generator=gen)] + torch.randn(100_000, 64, generator=gen)
+    return X + offset
+
+
+def knn_problem(n_train: int = 100_000, n_test: int = 1000, d: int = 64):
+    """Random features and labels for KNN-Shapley at scale: ``(X, y, X_test, y_test)``."""
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(n_train, d, generator=g), torch.randint(0, 10, (n_train,), generator=g)
+    Xt, yt = torch.randn(n_test, d, generator=g), torch.randint(0, 10, (n_test,), generator=g)
+    return X, y, Xt, yt
