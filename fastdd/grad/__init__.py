@@ -1,4 +1,5 @@
-"""Per-sample gradients: materialized, norms, dots with fixed vectors, class means."""
+"""Per-sample gradients: materialized, norms, dots with fixed vectors, class means; ``check``
+compares the engine with torch.func on a user's model."""
 from .api import (
     PerSampleGrads,
     classwise_grads,
@@ -6,9 +7,12 @@ from .api import (
     per_sample_grad_norms,
     per_sample_grads,
 )
+from .check import CheckReport, check
 
 __all__ = [
+    "CheckReport",
     "PerSampleGrads",
+    "check",
     "classwise_grads",
     "per_sample_grad_dots",
     "per_sample_grad_norms",
