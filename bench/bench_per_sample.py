@@ -34,15 +34,19 @@ WORKLOADS = ENGINE
 # norm strategies gram / materialize (every layer the same) for the sequence model.
 # The "step" consumer is a user's training step (forward, backward, SGD step) alone
 # (plain), with PerSampleGrads norms from that same backward (fastdd), and followed by
-# a separate vmap pass for the norms (vmap).
+# a separate vmap pass for the norms (vmap). The "clip" consumer is a training step with each
+# sample's gradient clipped to norm 1: unclipped (plain), ghost clipping (fastdd), or vmap
+# per-sample gradients clipped and summed (vmap).
 PLAN = [
     ("mlp", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("mlp", "norms", ["fastdd", "vmap", "loop"]),
     ("mlp", "dots", ["fastdd", "vmap"]),
     ("mlp", "step", ["plain", "fastdd", "vmap"]),
+    ("mlp", "clip", ["plain", "fastdd", "vmap"]),
     ("convnet", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("convnet", "norms", ["fastdd", "vmap"]),
     ("convnet", "step", ["plain", "fastdd", "vmap"]),
+    ("convnet", "clip", ["plain", "fastdd", "vmap"]),
     ("linear_seq", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "roofline"]),
     ("linear_seq", "norms", ["fastdd", "vmap"]),
     ("seq2", "norms", ["fastdd", "gram", "materialize", "vmap"]),
@@ -74,6 +78,40 @@ def _method(workload, consumer, method):
         for b in bufs:
             b.fill_(0.0)  # pages touched once, as a reused buffer's are
         return lambda: [b.fill_(1.0) for b in bufs]
+
+    if consumer == "clip":  # a training step with per-sample clipping to norm 1 (DP-style / robust training)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def plain_step():
+            opt.zero_grad()
+            loss_fn(model(x), y).mean().backward()
+            opt.step()
+
+        if method == "plain":  # no clipping: what the clipped steps are measured against
+            return plain_step
+        if method == "fastdd":  # ghost clipping from the step's own backward
+            ps = fastdd.PerSampleGrads(model, loss_reduction="mean").__enter__()
+
+            def clipped_step():
+                opt.zero_grad()
+                loss_fn(model(x), y).mean().backward()
+                ps.clipped_grad(1.0, write_grad=True)
+                opt.step()
+
+            return clipped_step
+        detached = {n: p.detach() for n, p in params.items()}  # share memory: see each step's update
+        per_sample = vmap(grad(lambda p, xi, yi: loss_fn(functional_call(model, p, (xi.unsqueeze(0),)),
+                                                         yi.unsqueeze(0))[0]), in_dims=(None, 0, 0))
+
+        def vmap_clipped_step():  # materialize with vmap, clip, sum (the non-ghost way)
+            grads = per_sample(detached, x, y)
+            norms = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
+            factors = (1.0 / (norms + 1e-6)).clamp(max=1.0)
+            for n, p in params.items():
+                p.grad = torch.tensordot(factors, grads[n], dims=1) / B
+            opt.step()
+
+        return vmap_clipped_step
 
     if consumer == "step":  # one training step of the user's, plus per-sample norms
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)

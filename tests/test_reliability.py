@@ -575,3 +575,21 @@ def test_cli_value_tmc_resume_refuses_other_options(tmp_path, capsys):
     assert "utility.fields.k: checkpoint 5, this run 3" in capsys.readouterr().err
     assert main(common + ["--resume", "--utility", "logreg", "--permutations", "4", "--out", str(tmp_path / "c.npy")]) == 2
     assert "belongs to another run: utility" in capsys.readouterr().err
+
+
+def test_conv_norms_and_class_means_stay_float64():
+    """Per-sample conv norms (materialized-chunk path: a large map, a narrow layer) and class
+    means of conv gradients are computed in float64 for a float64 model."""
+    from helpers import flat_sq_norms, vmap_per_sample_grads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 14 * 14, 3)).double()
+    x, y = torch.randn(6, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    ref = vmap_per_sample_grads(model, x, y)
+    norms = fastdd.per_sample_grad_norms(model, x, y)
+    assert norms.dtype == torch.float64
+    torch.testing.assert_close(norms, flat_sq_norms(ref).sqrt(), atol=1e-13, rtol=1e-12)
+    means = fastdd.classwise_grads(model, x, y, num_classes=3)
+    expected = torch.stack([ref["0.weight"][y == c].mean(0) for c in range(3)])
+    assert means["0.weight"].dtype == torch.float64
+    torch.testing.assert_close(means["0.weight"], expected, atol=1e-13, rtol=1e-12)

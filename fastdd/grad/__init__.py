@@ -2,6 +2,7 @@
 compares the engine with torch.func on a user's model."""
 from .api import (
     PerSampleGrads,
+    clipped_grad,
     classwise_grads,
     per_sample_grad_dots,
     per_sample_grad_norms,
@@ -13,6 +14,7 @@ __all__ = [
     "CheckReport",
     "PerSampleGrads",
     "check",
+    "clipped_grad",
     "classwise_grads",
     "per_sample_grad_dots",
     "per_sample_grad_norms",

@@ -46,6 +46,12 @@ def _per_sample_losses(loss_fn: LossFn | None, outputs, targets, B: int) -> torc
     return losses
 
 
+def _check_max_norm(max_norm) -> float:
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not 0 < float(max_norm) < float("inf"):
+        raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
+    return float(max_norm)
+
+
 def _capture_backward(model, inputs, targets, loss_fn, params) -> _Engine:
     inputs = _as_tuple(inputs)
     B = _batch_of(inputs)
@@ -92,6 +98,17 @@ def per_sample_grads(model: nn.Module, inputs, targets: torch.Tensor, loss_fn: L
     torch.Size([8, 3, 4])
     """
     return _capture_backward(model, inputs, targets, loss_fn, params).grads(out, chunk_size)
+
+
+def clipped_grad(model: nn.Module, inputs, targets: torch.Tensor, max_norm: float, loss_fn: LossFn | None = None,
+                 params: Iterable[str] | None = None, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+    """``{name: sum_i g_i * min(1, max_norm / ||g_i||)}``: the batch's summed gradient with each
+    sample's gradient (over the selected parameters) clipped to ``max_norm``, by ghost clipping
+    (see :meth:`PerSampleGrads.clipped_grad`, which does the same inside a training step)."""
+    max_norm = _check_max_norm(max_norm)
+    engine = _capture_backward(model, inputs, targets, loss_fn, params)
+    factors = (max_norm / (engine.sq_norms(chunk_size).sqrt() + 1e-6)).clamp(max=1.0)
+    return engine.weighted_sums(factors, chunk_size)
 
 
 def per_sample_grad_norms(model: nn.Module, inputs, targets: torch.Tensor, loss_fn: LossFn | None = None,
@@ -229,3 +246,33 @@ class PerSampleGrads:
         """``[B, K]`` dots of the last step's per-sample gradients with ``vectors``."""
         _check_vectors(self.model, vectors)
         return self._engine().dots(vectors, self.chunk_size)
+
+    def clipped_grad(self, max_norm: float, write_grad: bool = False) -> dict[str, torch.Tensor]:
+        """The last step's gradient with each sample's gradient clipped to ``max_norm``.
+
+        ``sum_i g_i * min(1, max_norm / ||g_i||)`` over the batch (divided by B when
+        ``loss_reduction="mean"``, so that it replaces the step's own mean gradient), with
+        ``g_i`` the gradient of sample i's own loss over the selected parameters. Ghost
+        clipping: the norms come from the captured layer inputs and output gradients, and
+        so does the reweighted sum (one GEMM per Linear layer, one convolution backward per
+        conv layer); no per-sample gradient is materialized where a layer has a rule.
+        ``write_grad=True`` also writes it into each parameter's ``.grad`` (replacing what
+        the backward put there), ready for ``optimizer.step()``::
+
+            with fastdd.PerSampleGrads(model) as ps:
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                ps.clipped_grad(1.0, write_grad=True)   # robust / DP-style clipped step
+                opt.step()
+        """
+        max_norm = _check_max_norm(max_norm)
+        engine = self._engine()
+        norms = engine.sq_norms(self.chunk_size).sqrt()
+        factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1e-6: Opacus' guard for a zero gradient
+        clipped = engine.weighted_sums(factors, self.chunk_size)
+        if self.loss_reduction == "mean":
+            clipped = {n: t / engine.batch_size for n, t in clipped.items()}
+        if write_grad:
+            for name, p in self._capture.selected.items():
+                p.grad = clipped[name].detach().clone()
+        return clipped

@@ -283,6 +283,15 @@ class _RuleSource:
         res = self.rule.class_sums(self.call.module, self.call.x, self.g, labels, num_classes, chunk_size)
         return self._pick(res, self.scale)
 
+    def weighted_sums(self, weights, chunk_size):
+        """``sum_i w_i g_i``: the rule's one-class sum over the output gradient scaled per sample
+        (the batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
+        with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
+            g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
+            one_class = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
+            res = self.rule.class_sums(self.call.module, self.call.x, g, one_class, 1, chunk_size)
+        return {k: v[0] for k, v in self._pick(res).items()}
+
 
 class _FuncSource:
     """Parameters served by torch.func: vmap over samples of a vjp through a module's forward.
@@ -377,6 +386,15 @@ class _FuncSource:
                 if name not in out:
                     out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=acc_dtype(grad))
                 out[name].index_add_(0, labels[s], acc(grad))
+        return out
+
+    def weighted_sums(self, weights, chunk_size):
+        """``sum_i w_i g_i`` from chunks of materialized per-sample gradients (no rule here)."""
+        out = {}
+        for s in self._chunks(chunk_size):
+            for name, grad in self.materialize(s).items():
+                part = torch.tensordot(weights[s].to(acc_dtype(grad)), acc(grad), dims=1)
+                out[name] = part if name not in out else out[name] + part
         return out
 
 
@@ -551,6 +569,15 @@ class _Engine:
             for f, t in src.class_sums(labels, num_classes, chunk_size).items():
                 out[f] += t
         return out
+
+    def weighted_sums(self, weights: torch.Tensor, chunk_size=None) -> dict[str, torch.Tensor]:
+        """``{name: sum_i weights_i * g_i}`` (accumulated in fp32 or float64, in the parameter's
+        dtype), from each source's captured inputs and output gradients."""
+        out = {n: self._zeros(n, (), self.acc) for n in self.selected}
+        for src in self._distinct_sources(self.sources):
+            for f, t in src.weighted_sums(weights, chunk_size).items():
+                out[f] += t
+        return {n: t.to(self.selected[n].dtype) for n, t in out.items()}
 
     def _distinct_sources(self, names):
         """Each source serving any of ``names``, once (a source may serve several parameters)."""

@@ -195,7 +195,7 @@ class ConvRule(Rule):
             if w is None:
                 w = torch.empty(B, dtype=acc_dtype(g), device=g.device)
                 for s in chunks(B, rows_per_chunk(B, 4 * m.weight.numel(), chunk_size)):
-                    w[s] = conv_weight_grads(xp[s], g[s], *geometry).flatten(1).float().square().sum(1)
+                    w[s] = acc(conv_weight_grads(xp[s], g[s], *geometry).flatten(1)).square().sum(1)
         res = {"weight": w}
         if m.bias is not None:
             res["bias"] = acc(g.flatten(2)).sum(2).square().sum(1)
@@ -204,7 +204,7 @@ class ConvRule(Rule):
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
         W = g.new_zeros((num_classes, *m.weight.shape), dtype=acc_dtype(g))
         for c, rows in _class_rows(labels, num_classes):
-            W[c] = _conv_weight_grad(m, x[rows], g[rows], groups_per_sample=False).float()
+            W[c] = acc(_conv_weight_grad(m, x[rows], g[rows], groups_per_sample=False))
         res = {"weight": W}
         if m.bias is not None:
             res["bias"] = g.new_zeros((num_classes, m.out_channels), dtype=acc_dtype(g)).index_add_(

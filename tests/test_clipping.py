@@ -1,0 +1,126 @@
+"""Per-sample clipping (ghost clipping) against materialize-then-clip, on every layer with a
+rule, a fallback layer and tied weights; inside a training step it replaces .grad."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastdd
+from fastdd.grad import clipped_grad
+
+from helpers import vmap_per_sample_grads
+
+
+class Tokens(nn.Module):
+    """Embedding, LayerNorm, a Linear over [B, T, d], PReLU (no rule: torch.func), mean over T."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.norm = nn.LayerNorm(8)
+        self.mix = nn.Linear(8, 8)
+        self.act = nn.PReLU()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, idx):
+        return self.head(self.act(self.mix(self.norm(self.emb(idx)))).mean(1))
+
+
+class Convs(nn.Module):
+    """Grouped strided Conv2d, GroupNorm, padded Conv2d, InstanceNorm, eval BatchNorm, Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, stride=2, groups=2)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c2 = nn.Conv2d(4, 4, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.c3 = nn.Conv1d(4, 2, 3, dilation=2)
+        self.fc = nn.Linear(2 * 5, 3)
+
+    def forward(self, x):
+        h = self.bn(self.inorm(self.c2(F.relu(self.gn(self.c1(x))))))  # [B, 4, 4, 4]
+        h = self.c3(h.flatten(2)[:, :, :9])  # [B, 2, 5]
+        return self.fc(h.flatten(1))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(5, 5)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        return self.out(h @ self.enc.weight)  # enc.weight used inside and outside its module
+
+
+def _reference(model, x, y, max_norm):
+    grads = vmap_per_sample_grads(model, x, y)
+    norms = sum(g.flatten(1).double().square().sum(1) for g in grads.values()).sqrt()
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {k: torch.tensordot(factors, g.double(), dims=1) for k, g in grads.items()}, norms
+
+
+def _problem(kind):
+    torch.manual_seed(0)
+    if kind == "tokens":
+        return Tokens(), torch.randint(0, 20, (9, 5)), torch.randint(0, 3, (9,))
+    if kind == "convs":
+        model = Convs()
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        return model.eval(), torch.randn(9, 2, 9, 9), torch.randint(0, 3, (9,))
+    return Tied(), torch.randn(9, 5), torch.randint(0, 3, (9,))
+
+
+@pytest.mark.parametrize("kind", ["tokens", "convs", "tied"])
+def test_clipped_grad_equals_materialize_then_clip(kind):
+    model, x, y = _problem(kind)
+    for_norms = _reference(model, x, y, 1.0)[1]
+    max_norm = float(for_norms.median())  # about half the samples clipped
+    expected, norms = _reference(model, x, y, max_norm)
+    assert (norms > max_norm).any() and (norms < max_norm).any()
+    got = clipped_grad(model, x, y, max_norm)
+    assert set(got) == set(expected)
+    for k in got:
+        torch.testing.assert_close(got[k].double(), expected[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_clipped_grad_float64_is_exact():
+    model, x, y = _problem("convs")
+    model = model.double()
+    expected, norms = _reference(model, x.double(), y, 0.3)
+    got = clipped_grad(model, x.double(), y, 0.3)
+    for k in got:
+        assert got[k].dtype == torch.float64
+        torch.testing.assert_close(got[k], expected[k], atol=1e-12, rtol=1e-10, msg=k)
+
+
+def test_clipped_grad_in_a_training_step_replaces_the_mean_gradient():
+    model, x, y = _problem("tokens")
+    expected, _ = _reference(model, x, y, 0.5)
+    with fastdd.PerSampleGrads(model) as ps:  # loss_reduction="mean", the usual training loss
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        unclipped = {n: p.grad.clone() for n, p in model.named_parameters()}
+        got = ps.clipped_grad(0.5, write_grad=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), expected[n] / len(y), atol=1e-6, rtol=1e-4, msg=n)
+        assert torch.equal(p.grad, got[n])
+    assert any(not torch.allclose(unclipped[n], got[n]) for n in got)  # clipping changed something
+    huge = None
+    with fastdd.PerSampleGrads(model, loss_reduction="sum") as ps:
+        model.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        huge = ps.clipped_grad(1e9)  # nothing clipped: the plain summed gradient
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(huge[n], p.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("inf"), float("nan"), "1", True])
+def test_max_norm_must_be_positive(bad):
+    model, x, y = _problem("tied")
+    with pytest.raises(ValueError, match="max_norm must be a positive finite number"):
+        clipped_grad(model, x, y, bad)
