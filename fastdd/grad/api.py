@@ -46,6 +46,16 @@ def _per_sample_losses(loss_fn: LossFn | None, outputs, targets, B: int) -> torc
     return losses
 
 
+def _check_devices(inputs: tuple, selected: dict) -> None:
+    """Inputs on the parameters' device, said up front and naming both (not deep in a kernel)."""
+    name, p = next(iter(selected.items()))
+    for i, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor) and t.device != p.device:
+            which = "inputs" if len(inputs) == 1 else f"inputs[{i}]"
+            raise ValueError(f"{which} are on {t.device} but the model's parameters (e.g. {name!r}) are on "
+                             f"{p.device}: move one to the other (model.to(x.device) or x.to(...))")
+
+
 def _check_max_norm(max_norm) -> float:
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real) or not 0 < float(max_norm) < float("inf"):
         raise ValueError(f"max_norm must be a positive finite number, got {max_norm!r}")
@@ -64,6 +74,7 @@ def _capture_backward(model, inputs, targets, loss_fn, params) -> _Engine:
             f"inputs and targets must have the same batch size: inputs have {B}, "
             f"targets have shape {tuple(targets.shape)}")
     selected = select_params(model, params)
+    _check_devices(inputs, selected)
     with _Capture(model, selected, grad_hooks=False) as cap, torch.enable_grad():
         cap.check_batch_statistics()
         outputs = model(*inputs)
@@ -269,10 +280,10 @@ class PerSampleGrads:
         engine = self._engine()
         norms = engine.sq_norms(self.chunk_size).sqrt()
         factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1e-6: Opacus' guard for a zero gradient
-        clipped = engine.weighted_sums(factors, self.chunk_size)
         if self.loss_reduction == "mean":
-            clipped = {n: t / engine.batch_size for n, t in clipped.items()}
+            factors = factors / engine.batch_size
+        clipped = engine.weighted_sums(factors, self.chunk_size)
         if write_grad:
             for name, p in self._capture.selected.items():
-                p.grad = clipped[name].detach().clone()
+                p.grad = clipped[name]
         return clipped

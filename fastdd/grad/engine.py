@@ -288,9 +288,7 @@ class _RuleSource:
         (the batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
             g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
-            one_class = torch.zeros(g.shape[0], dtype=torch.long, device=g.device)
-            res = self.rule.class_sums(self.call.module, self.call.x, g, one_class, 1, chunk_size)
-        return {k: v[0] for k, v in self._pick(res).items()}
+            return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size))
 
 
 class _FuncSource:
@@ -573,11 +571,11 @@ class _Engine:
     def weighted_sums(self, weights: torch.Tensor, chunk_size=None) -> dict[str, torch.Tensor]:
         """``{name: sum_i weights_i * g_i}`` (accumulated in fp32 or float64, in the parameter's
         dtype), from each source's captured inputs and output gradients."""
-        out = {n: self._zeros(n, (), self.acc) for n in self.selected}
+        out = {}
         for src in self._distinct_sources(self.sources):
             for f, t in src.weighted_sums(weights, chunk_size).items():
-                out[f] += t
-        return {n: t.to(self.selected[n].dtype) for n, t in out.items()}
+                out[f] = t if f not in out else out[f] + t  # several sources: a tied parameter's uses
+        return {n: out[n].to(p.dtype) if n in out else self._zeros(n, ()) for n, p in self.selected.items()}
 
     def _distinct_sources(self, names):
         """Each source serving any of ``names``, once (a source may serve several parameters)."""

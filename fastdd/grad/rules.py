@@ -47,6 +47,12 @@ class Rule:
             parts.append(sum(acc(grads[n].flatten(1)) @ acc(v.flatten(1)).T for n, v in vectors.items()))
         return torch.cat(parts)
 
+    def batch_sum(self, m, x, g, chunk_size=None) -> dict[str, torch.Tensor]:
+        """The sum over the batch of the per-sample gradients (with ``g`` reweighted per sample
+        by the caller, a clipped gradient), in the accumulation dtype."""
+        one_class = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return {k: v[0] for k, v in self.class_sums(m, x, g, one_class, 1, chunk_size).items()}
+
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
         out = {}
         for s in _sample_chunks(m, x, chunk_size):
@@ -94,6 +100,15 @@ class LinearRule(Rule):
         res = {"weight": psg_linear_sqnorm(A, G, chunk_size)}
         if m.bias is not None:
             res["bias"] = acc(G).sum(1).square().sum(1)
+        return res
+
+    def batch_sum(self, m, x, g, chunk_size=None):
+        # one GEMM over all (sample, t) rows, as the layer's own weight gradient
+        A, G = self._btd(m, x, g)
+        A, G = acc(A.reshape(-1, m.in_features)), acc(G.reshape(-1, m.out_features))
+        res = {"weight": G.T @ A}
+        if m.bias is not None:
+            res["bias"] = G.sum(0)
         return res
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
@@ -199,6 +214,13 @@ class ConvRule(Rule):
         res = {"weight": w}
         if m.bias is not None:
             res["bias"] = acc(g.flatten(2)).sum(2).square().sum(1)
+        return res
+
+    def batch_sum(self, m, x, g, chunk_size=None):
+        # one convolution backward for the weight, as the layer's own weight gradient
+        res = {"weight": acc(_conv_weight_grad(m, x, g, groups_per_sample=False))}
+        if m.bias is not None:
+            res["bias"] = acc(g.flatten(2)).sum((0, 2))
         return res
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
