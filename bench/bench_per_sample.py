@@ -35,18 +35,19 @@ WORKLOADS = ENGINE
 # The "step" consumer is a user's training step (forward, backward, SGD step) alone
 # (plain), with PerSampleGrads norms from that same backward (fastdd), and followed by
 # a separate vmap pass for the norms (vmap). The "clip" consumer is a training step with each
-# sample's gradient clipped to norm 1: unclipped (plain), ghost clipping (fastdd), or vmap
-# per-sample gradients clipped and summed (vmap).
+# sample's gradient clipped to norm 1: unclipped (plain), ghost clipping in the user's step
+# (fastdd), fastdd.grad.clipped_grad running the forward and an output-only backward itself
+# (fastdd_functional), or vmap per-sample gradients clipped and summed (vmap).
 PLAN = [
     ("mlp", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("mlp", "norms", ["fastdd", "vmap", "loop"]),
     ("mlp", "dots", ["fastdd", "vmap"]),
     ("mlp", "step", ["plain", "fastdd", "vmap"]),
-    ("mlp", "clip", ["plain", "fastdd", "vmap"]),
+    ("mlp", "clip", ["plain", "fastdd", "fastdd_functional", "vmap"]),
     ("convnet", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("convnet", "norms", ["fastdd", "vmap"]),
     ("convnet", "step", ["plain", "fastdd", "vmap"]),
-    ("convnet", "clip", ["plain", "fastdd", "vmap"]),
+    ("convnet", "clip", ["plain", "fastdd", "fastdd_functional", "vmap"]),
     ("linear_seq", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "roofline"]),
     ("linear_seq", "norms", ["fastdd", "vmap"]),
     ("seq2", "norms", ["fastdd", "gram", "materialize", "vmap"]),
@@ -99,6 +100,13 @@ def _method(workload, consumer, method):
                 opt.step()
 
             return clipped_step
+        if method == "fastdd_functional":  # fastdd runs forward and an output-only backward itself
+            def functional_clipped_step():
+                opt.zero_grad()
+                fastdd.grad.clipped_grad(model, x, y, 1.0, loss_fn=loss_fn, reduction="mean", write_grad=True)
+                opt.step()
+
+            return functional_clipped_step
         detached = {n: p.detach() for n, p in params.items()}  # share memory: see each step's update
         per_sample = vmap(grad(lambda p, xi, yi: loss_fn(functional_call(model, p, (xi.unsqueeze(0),)),
                                                          yi.unsqueeze(0))[0]), in_dims=(None, 0, 0))
