@@ -17,6 +17,7 @@ The model is left as it was: hooks removed, ``.grad`` untouched, train/eval mode
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -60,6 +61,7 @@ class _Call:
     root_call: int = 0  # index of the root call this call belongs to
     out_shapes: list = field(default_factory=list)  # shape of each differentiable output
     input_nodes: set = field(default_factory=set)  # autograd nodes that produced the inputs (fallback modules)
+    use_rule: bool = False  # served by the module's hand-written rule (else torch.func)
 
     @property
     def x(self) -> torch.Tensor:
@@ -73,6 +75,26 @@ def _batch_size(args, kwargs) -> int | None:
     for leaf in tree_flatten((args, kwargs))[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]
+    return None
+
+
+def batch_dim(module: nn.Module, t, B: int, output: int | None = None) -> int | None:
+    """The dim of ``t`` that indexes the batch's samples (of size ``B``), or None if none does.
+
+    Dim 0 as a rule, dim 1 where dim 0 is not the batch (sequence-first tensors, an RNN's
+    hidden state ``[layers, B, H]``). Modules that say ``batch_first=False`` (RNNs,
+    MultiheadAttention) put their batch at dim 1 even when dim 0 has the same size; an RNN's
+    hidden-state outputs (``output`` index >= 1) always do.
+    """
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    seq_first = getattr(module, "batch_first", True) is False
+    if isinstance(module, nn.RNNBase) and output is not None and output >= 1:
+        seq_first = True  # h_n / c_n: [layers * directions, B, H] whatever batch_first says
+    order = (1, 0) if seq_first else (0, 1)
+    for d in order:
+        if d < t.dim() and t.shape[d] == B:
+            return d
     return None
 
 
@@ -114,6 +136,7 @@ class _Capture:
         self.root_calls: list[_Call] = []
         self.orphans: list[set[str]] = []  # per root call: names used outside their owners
         self.backward_seen = False
+        self.batch: int | None = None  # the batch size of the forward being recorded
         self._handles = []
         # Owners: every (module, local name) holding a selected parameter, ties included.
         self.owned: dict[nn.Module, dict[str, str]] = {}
@@ -154,6 +177,7 @@ class _Capture:
         self.check_batch_statistics()
         if self.backward_seen:  # a new step in the user's loop: forget the last one
             self.clear()
+        self.batch = _batch_size(args, {})  # the model's inputs are [B, ...]: every call's batch size
 
     def clear(self):
         self.calls.clear()
@@ -164,14 +188,18 @@ class _Capture:
     def _record(self, module, args, kwargs, output) -> _Call | None:
         if not (self.active and torch.is_grad_enabled()):
             return None
-        B = _batch_size(args, kwargs)
+        B = self.batch if self.batch is not None else _batch_size(args, kwargs)
         leaves = tree_flatten(output)[0]
         pos = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         if B is None or not pos:
             return None
         detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        # a rule takes dim 0 of its input as the batch; a call that has it elsewhere (a
+        # sequence-first Linear) goes to torch.func, which finds each tensor's batch dim
+        first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+        use_rule = self.rules.get(module) is not None and first is not None and first.dim() > 0 and first.shape[0] == B
         input_nodes = set()
-        if self.rules.get(module) is None:
+        if not use_rule:
             for leaf in tree_flatten((args, kwargs))[0]:
                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                     input_nodes.add(get_gradient_edge(leaf).node)
@@ -185,6 +213,7 @@ class _Capture:
             root_call=len(self.root_calls),
             out_shapes=[leaves[i].shape for i in pos],
             input_nodes=input_nodes,
+            use_rule=use_rule,
         )
         call.grads = [None] * len(pos)
         if self.grad_hooks:
@@ -220,7 +249,7 @@ class _Capture:
             names = self.owned.get(c.module)
             if not names:
                 continue
-            if self.rules.get(c.module) is not None:  # a rule module uses each parameter once
+            if c.use_rule:  # a rule module uses each parameter once
                 accounted.update(set(names.values()))
             else:
                 inside = _count_param_uses([e.node for e in c.edges], c.input_nodes, self.param_ids)
@@ -291,6 +320,9 @@ class _RuleSource:
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size))
 
 
+_NO_VMAP: set = set()  # module types torch.func's vmap failed on: served by a loop over samples
+
+
 class _FuncSource:
     """Parameters served by torch.func: vmap over samples of a vjp through a module's forward.
 
@@ -302,20 +334,24 @@ class _FuncSource:
                  grads: list, capture: _Capture, module_name: str):
         self.call, self.names, self.capture = call, names, capture
         self.params = {rel: params[full].detach() for rel, full in names.items()}
-        B = call.batch_size
-        for shape in call.out_shapes:
-            if len(shape) == 0 or shape[0] != B:
+        B, module = call.batch_size, call.module
+        # each output's batch dim (vmap's out_dims), found as for the inputs
+        self.out_dims = []
+        for j, shape in zip(call.out_leaves, call.out_shapes):
+            d = batch_dim(module, torch.empty(shape, device="meta"), B, output=j)
+            if d is None:
                 raise ValueError(
-                    f"module '{module_name}' ({type(call.module).__name__}) has no hand-written rule and "
-                    f"returns an output of shape {tuple(shape)} without the batch dimension {B}: "
+                    f"module '{module_name}' ({type(module).__name__}) has no hand-written rule and "
+                    f"returns an output of shape {tuple(shape)} without the batch dimension {B} (at dim 0 or 1): "
                     "its parameters' per-sample gradients cannot be separated"
                 )
+            self.out_dims.append(d)
         self.grads = [torch.zeros(s, dtype=self.any_dtype(), device=self.any_device()) if g is None else g
                       for g, s in zip(grads, call.out_shapes)]
         leaves, self.spec = tree_flatten((call.args, call.kwargs))
         self.leaves = leaves
-        self.batched = [i for i, t in enumerate(leaves)
-                        if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == B]
+        # (position, batch dim) of each batched input leaf; the rest are shared by all samples
+        self.batched = [(i, d) for i, t in enumerate(leaves) if (d := batch_dim(module, t, B)) is not None]
 
     def any_dtype(self):
         return next(iter(self.params.values())).dtype
@@ -327,10 +363,12 @@ class _FuncSource:
         call, spec, leaves, batched = self.call, self.spec, self.leaves, self.batched
         module = call.module
 
+        out_dims = self.out_dims
+
         def one_sample(params, xs, gs):
             full = list(leaves)
-            for i, v in zip(batched, xs):
-                full[i] = v.unsqueeze(0)
+            for (i, d), v in zip(batched, xs):
+                full[i] = v.unsqueeze(d)  # a batch of one, its batch dim where the module expects it
             args, kwargs = tree_unflatten(full, spec)
 
             def forward(p):
@@ -338,12 +376,28 @@ class _FuncSource:
                 return tuple(outs[i] for i in call.out_leaves)
 
             _, pull = torch.func.vjp(forward, params)
-            return pull(tuple(g.unsqueeze(0) for g in gs))[0]
+            return pull(tuple(g.unsqueeze(d) for g, d in zip(gs, out_dims)))[0]
 
+        def rows(t, d):  # samples s of t along its batch dim d
+            return t[s] if d == 0 else t[(slice(None),) * d + (s,)]
+
+        xs = [rows(leaves[i], d) for i, d in batched]
+        gs = [rows(g, d) for g, d in zip(self.grads, out_dims)]
         with self.capture.paused(), _parameters_restored(module):
-            res = torch.func.vmap(one_sample, in_dims=(None, 0, 0), randomness="different")(
-                self.params, [leaves[i][s] for i in batched], [g[s] for g in self.grads]
-            )
+            if type(module) not in _NO_VMAP:
+                try:
+                    res = torch.func.vmap(one_sample, in_dims=(None, [d for _, d in batched], list(out_dims)),
+                                          randomness="different")(self.params, xs, gs)
+                except RuntimeError as exc:  # e.g. nn.GRU's in-place kernels have no batching rule
+                    _NO_VMAP.add(type(module))
+                    warnings.warn(f"torch.func cannot vmap {type(module).__name__} ({str(exc).splitlines()[0]}); "
+                                  "its per-sample gradients come from a loop over samples (same answer, slower)",
+                                  stacklevel=2)
+            if type(module) in _NO_VMAP:
+                n = len(range(*s.indices(call.batch_size)))
+                per = [one_sample(self.params, [x.select(d, k) for x, (_, d) in zip(xs, batched)],
+                                  [g.select(d, k) for g, d in zip(gs, out_dims)]) for k in range(n)]
+                res = {name: torch.stack([p[name] for p in per]) for name in self.params}
         return {self.names[k]: v for k, v in res.items()}
 
     def _chunks(self, chunk_size):
@@ -466,9 +520,8 @@ class _Engine:
                 names = {k: f for k, f in capture.owned.get(call.module, {}).items() if f not in orphans}
                 if not names or all(g is None for g in call.grads):
                     continue
-                rule = capture.rules.get(call.module)
-                if rule is not None:
-                    src = _RuleSource(call, rule, names, call.grads[0], scale)
+                if call.use_rule:
+                    src = _RuleSource(call, capture.rules[call.module], names, call.grads[0], scale)
                 else:
                     src = _FuncSource(call, names, self.selected, _scaled(call.grads, scale), capture,
                                       capture.module_names[call.module])
