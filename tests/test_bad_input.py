@@ -109,3 +109,47 @@ def test_fallback_module_without_batch_dim_is_named():
 
     with pytest.raises(ValueError, match="module 'summary' .*without the batch dimension"):
         fastdd.per_sample_grads(Net(), torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_inputs_on_another_device_are_named(mlp):
+    x = torch.randn(4, 6, device="meta")  # any device but the parameters' (cpu here)
+    with pytest.raises(ValueError, match=r"inputs are on meta but the model's parameters \(e.g. 'features.1.weight'\) "
+                                         r"are on cpu"):
+        fastdd.per_sample_grads(mlp, x, torch.zeros(4, dtype=torch.long))
+
+
+def test_tuple_output_needs_a_loss_fn():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 3), nn.Linear(6, 2)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    model, x, y = TwoHeads(), torch.randn(4, 6), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="the model returned tuple; pass loss_fn"):
+        fastdd.per_sample_grads(model, x, y)
+    g = fastdd.per_sample_grads(model, x, y, loss_fn=lambda o, t: F.cross_entropy(o[0], t, reduction="none"))
+    assert g["a.weight"].shape == (4, 3, 6) and not g["b.weight"].any()  # the unused head gets zero
+
+
+def test_a_parameter_shared_by_modules_of_different_kinds_sums_both_uses():
+    """A language model's tied embedding and output head: one parameter, an Embedding and a Linear."""
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.head = nn.Linear(6, 11, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.emb(idx)).mean(1))
+
+    torch.manual_seed(0)
+    model, x, y = TiedLM(), torch.randint(0, 11, (5, 3)), torch.randint(0, 11, (5,))
+    rows = [torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), model.emb.weight)[0] for i in range(5)]
+    got = fastdd.per_sample_grads(model, x, y)["emb.weight"]
+    torch.testing.assert_close(got, torch.stack(rows), atol=1e-6, rtol=1e-5)
+    report = fastdd.grad.check(model, x, y)
+    assert report.ok and report.params[0].path == "2 uses: rule (Embedding), rule (Linear)"
