@@ -78,22 +78,22 @@ def _batch_size(args, kwargs) -> int | None:
     return None
 
 
-def batch_dim(module: nn.Module, t, B: int, output: int | None = None) -> int | None:
-    """The dim of ``t`` that indexes the batch's samples (of size ``B``), or None if none does.
+def batch_dim(module: nn.Module, shape, B: int, output: int | None = None) -> int | None:
+    """The dim of a tensor of ``shape`` (None: not a tensor) that indexes the batch's samples
+    (of size ``B``), or None if none does.
 
     Dim 0 as a rule, dim 1 where dim 0 is not the batch (sequence-first tensors, an RNN's
     hidden state ``[layers, B, H]``). Modules that say ``batch_first=False`` (RNNs,
     MultiheadAttention) put their batch at dim 1 even when dim 0 has the same size; an RNN's
     hidden-state outputs (``output`` index >= 1) always do.
     """
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+    if not shape:
         return None
     seq_first = getattr(module, "batch_first", True) is False
     if isinstance(module, nn.RNNBase) and output is not None and output >= 1:
         seq_first = True  # h_n / c_n: [layers * directions, B, H] whatever batch_first says
-    order = (1, 0) if seq_first else (0, 1)
-    for d in order:
-        if d < t.dim() and t.shape[d] == B:
+    for d in ((1, 0) if seq_first else (0, 1)):
+        if d < len(shape) and shape[d] == B:
             return d
     return None
 
@@ -313,8 +313,8 @@ class _RuleSource:
         return self._pick(res, self.scale)
 
     def weighted_sums(self, weights, chunk_size):
-        """``sum_i w_i g_i``: the rule's one-class sum over the output gradient scaled per sample
-        (the batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
+        """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
+        batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
             g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size))
@@ -338,7 +338,7 @@ class _FuncSource:
         # each output's batch dim (vmap's out_dims), found as for the inputs
         self.out_dims = []
         for j, shape in zip(call.out_leaves, call.out_shapes):
-            d = batch_dim(module, torch.empty(shape, device="meta"), B, output=j)
+            d = batch_dim(module, tuple(shape), B, output=j)
             if d is None:
                 raise ValueError(
                     f"module '{module_name}' ({type(module).__name__}) has no hand-written rule and "
@@ -351,7 +351,8 @@ class _FuncSource:
         leaves, self.spec = tree_flatten((call.args, call.kwargs))
         self.leaves = leaves
         # (position, batch dim) of each batched input leaf; the rest are shared by all samples
-        self.batched = [(i, d) for i, t in enumerate(leaves) if (d := batch_dim(module, t, B)) is not None]
+        self.batched = [(i, d) for i, t in enumerate(leaves)
+                        if isinstance(t, torch.Tensor) and (d := batch_dim(module, tuple(t.shape), B)) is not None]
 
     def any_dtype(self):
         return next(iter(self.params.values())).dtype
@@ -361,9 +362,7 @@ class _FuncSource:
 
     def materialize(self, s=slice(None), out=None):
         call, spec, leaves, batched = self.call, self.spec, self.leaves, self.batched
-        module = call.module
-
-        out_dims = self.out_dims
+        module, out_dims = call.module, self.out_dims
 
         def one_sample(params, xs, gs):
             full = list(leaves)
