@@ -75,8 +75,10 @@ def _problem(kind):
     return Tied(), torch.randn(9, 5), torch.randint(0, 3, (9,))
 
 
+@pytest.mark.parametrize("budget_mb", ["256", "0.0001"])  # per-sample gradients of the norms reused / not kept
 @pytest.mark.parametrize("kind", ["tokens", "convs", "tied"])
-def test_clipped_grad_equals_materialize_then_clip(kind):
+def test_clipped_grad_equals_materialize_then_clip(kind, budget_mb, monkeypatch):
+    monkeypatch.setenv("FASTDD_CHUNK_MB", budget_mb)
     model, x, y = _problem(kind)
     for_norms = _reference(model, x, y, 1.0)[1]
     max_norm = float(for_norms.median())  # about half the samples clipped
@@ -124,3 +126,21 @@ def test_max_norm_must_be_positive(bad):
     model, x, y = _problem("tied")
     with pytest.raises(ValueError, match="max_norm must be a positive finite number"):
         clipped_grad(model, x, y, bad)
+
+
+def test_norms_materialized_anyway_are_reused_for_the_clipped_sum(monkeypatch):
+    """Conv and norm layers form per-sample gradients for their norms: within the chunk budget the
+    clipped sum reuses them (no second convolution backward); Linear at T=1 never forms them."""
+    from fastdd.grad import rules
+
+    calls = []
+    for cls in (rules.ConvRule, rules.LinearRule, rules.GroupNormRule):
+        original = cls.batch_sum
+        monkeypatch.setattr(cls, "batch_sum", lambda self, *a, _o=original, **k: calls.append(type(self)) or _o(self, *a, **k))
+    model, x, y = _problem("convs")
+    clipped_grad(model, x, y, 0.5)
+    assert calls == [rules.LinearRule]  # the classifier (T=1): ghost norm, then one GEMM
+    calls.clear()
+    monkeypatch.setenv("FASTDD_CHUNK_MB", "0.0001")  # nothing fits: every layer's batch_sum runs
+    clipped_grad(model, x, y, 0.5)
+    assert rules.ConvRule in calls and rules.GroupNormRule in calls

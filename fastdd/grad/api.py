@@ -133,7 +133,7 @@ def clipped_grad(model: nn.Module, inputs, targets: torch.Tensor, max_norm: floa
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     engine = _capture_backward(model, inputs, targets, loss_fn, params)
-    factors = (max_norm / (engine.sq_norms(chunk_size).sqrt() + 1e-6)).clamp(max=1.0)
+    factors = (max_norm / (engine.sq_norms(chunk_size, keep=True).sqrt() + 1e-6)).clamp(max=1.0)
     if reduction == "mean":
         factors = factors / engine.batch_size
     clipped = engine.weighted_sums(factors, chunk_size)
@@ -299,7 +299,7 @@ class PerSampleGrads:
         """
         max_norm = _check_max_norm(max_norm)
         engine = self._engine()
-        norms = engine.sq_norms(self.chunk_size).sqrt()
+        norms = engine.sq_norms(self.chunk_size, keep=True).sqrt()
         factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1e-6: Opacus' guard for a zero gradient
         if self.loss_reduction == "mean":
             factors = factors / engine.batch_size

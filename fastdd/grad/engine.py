@@ -27,7 +27,7 @@ from torch import nn
 from torch.autograd.graph import get_gradient_edge
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._chunking import chunks, rows_per_chunk
+from .._chunking import budget_bytes, chunks, rows_per_chunk
 from . import buffers
 from .per_sample_linear import acc, acc_dtype
 from .rules import Rule, rule_for, uses_batch_statistics
@@ -287,6 +287,7 @@ class _RuleSource:
         self.call, self.rule, self.names, self.g = call, rule, names, g  # names: local -> full
         self.scale = scale
         self._g_scaled = None
+        self._kept = None  # per-sample gradients formed for the norms, for a clipped sum
 
     def _pick(self, res: dict, factor: float = 1.0) -> dict:
         return {self.names[k]: (v * factor if factor != 1.0 else v) for k, v in res.items() if k in self.names}
@@ -300,8 +301,17 @@ class _RuleSource:
     def materialize_full(self, out=None, chunk_size=None):
         return self.materialize(out=out)
 
-    def sq_norms(self, chunk_size):
-        return self._pick(self.rule.sq_norms(self.call.module, self.call.x, self.g, chunk_size), self.scale ** 2)
+    def sq_norms(self, chunk_size, keep: bool = False):
+        """Squared norms per parameter; with ``keep``, where the rule would form the per-sample
+        gradients anyway and they fit the chunk budget, form them once and keep them for
+        :meth:`weighted_sums` (a clipped sum then costs a tensordot, not a second backward)."""
+        m, x, g = self.call.module, self.call.x, self.g
+        if keep and self.rule.norms_materialize(m, x, g):
+            numel = sum(p.numel() for p in m.parameters(recurse=False))
+            if g.shape[0] * numel * g.element_size() <= budget_bytes():
+                self._kept = self.materialize()
+                return {f: acc(t.flatten(1)).square().sum(1) for f, t in self._kept.items()}
+        return self._pick(self.rule.sq_norms(m, x, g, chunk_size), self.scale ** 2)
 
     def dots(self, vectors, chunk_size):
         local = {k: vectors[f] for k, f in self.names.items() if f in vectors}
@@ -316,6 +326,8 @@ class _RuleSource:
         """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
         batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
+            if self._kept is not None:  # formed for the norms (already scaled)
+                return {f: torch.tensordot(weights.to(acc_dtype(t)), acc(t), dims=1) for f, t in self._kept.items()}
             g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size))
 
@@ -579,7 +591,9 @@ class _Engine:
             raise ValueError(f"out[{name!r}] must be {p.dtype} on {p.device} like the parameter, "
                              f"got {buf.dtype} on {buf.device}")
 
-    def sq_norms(self, chunk_size=None) -> torch.Tensor:
+    def sq_norms(self, chunk_size=None, keep: bool = False) -> torch.Tensor:
+        """Per-sample squared norms ``[B]``; ``keep``: rule sources keep per-sample gradients they
+        form anyway (within the chunk budget) for a following :meth:`weighted_sums`."""
         B = self.batch_size
         device = next(iter(self.selected.values())).device
         total = torch.zeros(B, dtype=self.acc, device=device)
@@ -596,7 +610,8 @@ class _Engine:
                         summed = t if summed is None else summed + t
                     total[s] += summed.flatten(1).square().sum(1)
         for src, names in single.values():
-            norms = src.sq_norms(chunk_size)
+            norms = src.sq_norms(chunk_size, keep=True) if keep and isinstance(src, _RuleSource) else \
+                src.sq_norms(chunk_size)
             for n in names:
                 total += norms[n]
         return total

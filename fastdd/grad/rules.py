@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._chunking import chunks, rows_per_chunk
+from . import per_sample_conv
 from .per_sample_conv import conv_weight_grads, conv_weight_sqnorms
 from .per_sample_linear import acc, acc_dtype, gram_is_cheaper, psg_linear, psg_linear_dot, psg_linear_sqnorm
 
@@ -46,6 +47,10 @@ class Rule:
             grads = self.materialize(m, x[s], g[s])
             parts.append(sum(acc(grads[n].flatten(1)) @ acc(v.flatten(1)).T for n, v in vectors.items()))
         return torch.cat(parts)
+
+    def norms_materialize(self, m, x, g) -> bool:
+        """Whether ``sq_norms`` forms the per-sample gradients (so a clipped sum may reuse them)."""
+        return True
 
     def batch_sum(self, m, x, g, chunk_size=None) -> dict[str, torch.Tensor]:
         """The sum over the batch of the per-sample gradients (with ``g`` reweighted per sample
@@ -101,6 +106,10 @@ class LinearRule(Rule):
         if m.bias is not None:
             res["bias"] = acc(G).sum(1).square().sum(1)
         return res
+
+    def norms_materialize(self, m, x, g):
+        A, _ = self._btd(m, x, g)
+        return A.shape[1] > 1 and not gram_is_cheaper(A.shape[1], m.in_features, m.out_features)
 
     def batch_sum(self, m, x, g, chunk_size=None):
         # one GEMM over all (sample, t) rows, as the layer's own weight gradient
@@ -216,6 +225,10 @@ class ConvRule(Rule):
             res["bias"] = acc(g.flatten(2)).sum(2).square().sum(1)
         return res
 
+    def norms_materialize(self, m, x, g):
+        L, dg, pg = g[0, 0].numel(), m.weight[0].numel(), m.out_channels // m.groups
+        return not gram_is_cheaper(L, dg, pg) and not per_sample_conv._use_kernel(x, g, m.groups)
+
     def batch_sum(self, m, x, g, chunk_size=None):
         # one convolution backward for the weight, as the layer's own weight gradient
         res = {"weight": acc(_conv_weight_grad(m, x, g, groups_per_sample=False))}
@@ -236,6 +249,9 @@ class ConvRule(Rule):
 
 class EmbeddingRule(Rule):
     """nn.Embedding: indices [B, T] pick rows; padding_idx rows get no gradient."""
+
+    def norms_materialize(self, m, x, g):
+        return False  # norms from g . g over equal indices: [B, N, D] is never formed
 
     @staticmethod
     def _idx_grad(m, x, g):
