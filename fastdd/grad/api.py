@@ -133,8 +133,15 @@ def clipped_grad(model: nn.Module, inputs, targets: torch.Tensor, max_norm: floa
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
     engine = _capture_backward(model, inputs, targets, loss_fn, params)
-    factors = (max_norm / (engine.sq_norms(chunk_size, keep=True).sqrt() + 1e-6)).clamp(max=1.0)
-    if reduction == "mean":
+    return _clip(engine, max_norm, reduction == "mean", write_grad, chunk_size)
+
+
+def _clip(engine: _Engine, max_norm: float, mean: bool, write_grad: bool, chunk_size) -> dict[str, torch.Tensor]:
+    """Ghost clipping on a captured step: norms, factors ``min(1, C / ||g_i||)`` (over B when
+    ``mean``), the reweighted sums, and optionally ``.grad``."""
+    norms = engine.sq_norms(chunk_size, keep=True).sqrt()
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1e-6: Opacus' guard for a zero gradient
+    if mean:
         factors = factors / engine.batch_size
     clipped = engine.weighted_sums(factors, chunk_size)
     if write_grad:
@@ -286,8 +293,9 @@ class PerSampleGrads:
         ``loss_reduction="mean"``, so that it replaces the step's own mean gradient), with
         ``g_i`` the gradient of sample i's own loss over the selected parameters. Ghost
         clipping: the norms come from the captured layer inputs and output gradients, and
-        so does the reweighted sum (one GEMM per Linear layer, one convolution backward per
-        conv layer); no per-sample gradient is materialized where a layer has a rule.
+        so does the reweighted sum: one GEMM per Linear layer (whose norms at T = 1 form no
+        per-sample gradient), and where the norms form per-sample gradients anyway (conv and
+        norm layers on a CPU, within the chunk budget) a weighted sum of those.
         ``write_grad=True`` also writes it into each parameter's ``.grad`` (replacing what
         the backward put there), ready for ``optimizer.step()``::
 
@@ -298,13 +306,4 @@ class PerSampleGrads:
                 opt.step()
         """
         max_norm = _check_max_norm(max_norm)
-        engine = self._engine()
-        norms = engine.sq_norms(self.chunk_size, keep=True).sqrt()
-        factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1e-6: Opacus' guard for a zero gradient
-        if self.loss_reduction == "mean":
-            factors = factors / engine.batch_size
-        clipped = engine.weighted_sums(factors, self.chunk_size)
-        if write_grad:
-            for name, p in self._capture.selected.items():
-                p.grad = clipped[name]
-        return clipped
+        return _clip(self._engine(), max_norm, self.loss_reduction == "mean", write_grad, self.chunk_size)
