@@ -139,7 +139,7 @@ def _method_options(args) -> dict:
 
 def cmd_distill(args) -> None:
     from .distill import distill, evaluate
-    from .distill.api import _check_options
+    from .distill.api import check_options
 
     _check_out(args, (".pt", ".pth"), "the synthetic set")
     options = {"model_options": {"width": args.width, "depth": args.depth} if args.model == "convnet" else {},
@@ -150,7 +150,7 @@ def cmd_distill(args) -> None:
         options["low_memory"] = True
     options.update(_method_options(args))
     try:  # every option is checked before the data is read
-        _check_options(args.method, options)
+        check_options(args.method, options)
     except ValueError as exc:
         raise UsageError(f"--set: {exc}") from exc
     _check_resume(args)

@@ -109,7 +109,9 @@ OPTION_CHECKS = {
 }
 
 
-def _check_options(method, options):
+def check_options(method: str, options: dict) -> None:
+    """Refuse an option ``method`` does not take, or a value of the wrong type or range, naming it
+    (what ``distill`` checks before any work; the CLI checks ``--set`` with it before reading data)."""
     unknown = [k for k in options if k not in method_options(method)]
     if unknown:
         raise ValueError(f"method {method!r} takes no option {', '.join(map(repr, unknown))}; "
@@ -188,7 +190,7 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model: str = "convnet", i
     ipc = check_positive_int(ipc, "ipc")
     iterations = _iterations(iterations, method)
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
-    _check_options(method, options)
+    check_options(method, options)
     identity = _checkpoint.fingerprint({"method": method, "ipc": ipc, "model": model, "seed": seed, "X": X, "y": y,
                                         "options": _resolved_options(method, options)})
     state = _checkpoint.load(checkpoint, identity)
