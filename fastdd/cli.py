@@ -155,7 +155,7 @@ def cmd_distill(args) -> None:
         raise UsageError(f"--set: {exc}") from exc
     _check_resume(args)
     data = _load(args)
-    X = _images(data.X_train, "distill")
+    X = _images(data.X_train, "distill").float()  # the networks are float32, whatever the file holds
     try:
         syn = distill(X, data.y_train, args.method, args.ipc, model=args.model, iterations=args.iterations,
                       seed=args.seed, checkpoint=args.checkpoint, progress=not args.no_progress, **options)
@@ -164,7 +164,7 @@ def cmd_distill(args) -> None:
     syn.save(args.out)
     print(f"wrote {len(syn.images)} synthetic images ({args.ipc} per class, {args.method}) to {args.out}")
     if args.evaluate:
-        mean, std = evaluate(syn.images, syn.labels, data.X_test, data.y_test, model=args.model,
+        mean, std = evaluate(syn.images, syn.labels, data.X_test.float(), data.y_test, model=args.model,
                              n_models=args.evaluate, seed=args.seed, model_options=options["model_options"])
         print(f"test accuracy of {args.evaluate} fresh {args.model}s trained on it: {100 * mean:.1f} ± {100 * std:.1f}%")
 
@@ -206,7 +206,7 @@ def cmd_value(args) -> None:
             from .train import train_model
 
             num_classes = int(data.y_train.max()) + 1
-            model = torch.nn.Linear(Xtr.shape[1], num_classes)
+            model = torch.nn.Linear(Xtr.shape[1], num_classes).to(Xtr.dtype)  # float64 data: a float64 model
             train_model(model, Xtr, data.y_train, epochs=args.epochs, lr=0.1, weight_decay=1e-3, seed=args.seed)
             influence = InfluenceFunction(model.eval(), damping=1e-3).fit(Xtr, data.y_train)
             # value = how much a point lowers the test loss (-I_up,loss summed over the test set);
@@ -235,7 +235,7 @@ def cmd_prune(args) -> None:
     if not 0.0 < args.keep <= 1.0:
         raise UsageError(f"--keep must be a fraction in (0, 1], got {args.keep}")
     data = _load(args)
-    X, y = data.X_train, data.y_train
+    X, y = data.X_train.float(), data.y_train  # scored by float32 networks
     num_classes = int(y.max()) + 1
     try:
         if args.score == "prototypes":

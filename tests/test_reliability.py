@@ -593,3 +593,29 @@ def test_conv_norms_and_class_means_stay_float64():
     expected = torch.stack([ref["0.weight"][y == c].mean(0) for c in range(3)])
     assert means["0.weight"].dtype == torch.float64
     torch.testing.assert_close(means["0.weight"], expected, atol=1e-13, rtol=1e-12)
+
+
+def test_float64_data_files_are_valued_in_float64(tmp_path, capsys):
+    """A float64 file stays float64 through the loader, so `fastdd value` ranks near-ties a float32
+    cast would merge; distill and prune still get float32 for their networks."""
+    from fastdd.data import load_data_file
+
+    gen = np.random.default_rng(0)
+    X = 1e4 + gen.normal(size=(40, 3)) * 1e-4  # float32 would quantize these to about 1e-3
+    y = np.arange(40) % 2
+    path = tmp_path / "d.npz"
+    np.savez(path, X=X, y=y, X_test=X[:10] + 1e-5, y_test=y[:10])
+    split = load_data_file(str(path))
+    assert split.X_train.dtype == torch.float64
+    out = tmp_path / "v.npy"
+    assert main(["value", "--data", str(path), "--method", "knn", "--k", "3", "--out", str(out)]) == 0
+    expected = knn_shapley(torch.tensor(X), torch.tensor(y), torch.tensor(X[:10] + 1e-5), torch.tensor(y[:10]), k=3)
+    np.testing.assert_allclose(np.load(out), expected.numpy(), rtol=0, atol=1e-12)
+    assert main(["value", "--data", str(path), "--method", "influence", "--epochs", "2",
+                 "--out", str(tmp_path / "i.npy")]) == 0
+    images = tmp_path / "img.npz"
+    np.savez(images, X=gen.normal(size=(20, 1, 8, 8)), y=np.arange(20) % 2)  # float64 images
+    assert main(["distill", "--data", str(images), "--iterations", "1", "--width", "4", "--ipc", "1",
+                 "--no-progress", "--out", str(tmp_path / "s.pt")]) == 0
+    assert main(["prune", "--data", str(images), "--score", "el2n", "--epochs", "1", "--keep", "0.5",
+                 "--no-progress", "--out", str(tmp_path / "k.npy")]) == 0

@@ -3,7 +3,8 @@
 Format: ``X`` images ``[N, C, H, W]`` (``[N, H, W]`` gets a channel), or features ``[N, D]``;
 ``y`` integer labels ``[N]`` in ``[0, num_classes)``. Optional ``X_test`` / ``y_test`` give
 the evaluation split; without them a stratified 25% of ``(X, y)`` is held out. Values are
-used as given (standardize them first). Save one with::
+used as given (standardize them first): float64 stays float64 (valuation then computes in
+it), any other type becomes float32. Save one with::
 
     numpy.savez("data.npz", X=images, y=labels)      # or torch.save({"X": ..., "y": ...}, "data.pt")
 """
@@ -44,7 +45,7 @@ def _check_pair(X: torch.Tensor, y: torch.Tensor, path: str, suffix: str = "") -
         raise DataFileError(f"{path}: y{suffix} has negative labels; use classes 0..C-1")
     if not torch.isfinite(X.float()).all():
         raise DataFileError(f"{path}: X{suffix} has NaN or infinite values")
-    return X.float(), y.long()
+    return (X if X.dtype == torch.float64 else X.float()), y.long()  # float64 stays float64
 
 
 def load_data_file(path: str, test_fraction: float = 0.25, seed: int = 0) -> Split:
