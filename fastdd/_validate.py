@@ -30,6 +30,18 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def centred(reference: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``reference`` and ``others`` in their common compute dtype (on ``reference``'s device), each
+    minus ``reference``'s mean: the ``||x||^2 - 2 x.y + ||y||^2`` expansion cancels on uncentred
+    data, and a common shift changes no distance."""
+    dtype = compute_dtype(reference)
+    for t in others:
+        dtype = torch.promote_types(dtype, compute_dtype(t))
+    reference = reference.to(dtype)
+    offset = reference.mean(0)
+    return (reference - offset, *(t.to(device=reference.device, dtype=dtype) - offset for t in others))
+
+
 def check_nonempty(x: torch.Tensor, name: str) -> None:
     if x.dim() == 0 or x.shape[0] == 0:
         raise ValueError(f"{name} has no samples (shape {tuple(x.shape)})")

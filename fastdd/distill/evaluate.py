@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import as_images, as_labels, as_samples, check_positive_int, compute_dtype
+from .._validate import as_images, as_labels, as_samples, centred, check_positive_int, compute_dtype
 from ..models import get_model
 from ..pruning.kmeans import assign, kmeans
 from ..pruning.selection import herding
@@ -103,8 +103,7 @@ def herding_subset(X, y, ipc: int, features: torch.Tensor | None = None) -> torc
 def kmeans_subset(X, y, ipc: int, features: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
     """Per class, the real sample nearest to each of ``ipc`` k-means centroids."""
     y, classes = _per_class(y, ipc)
-    feats = _features(X, features)
-    feats = feats - feats.mean(0)  # centred: assign() and cdist expand ||x - c||^2, which cancels on uncentred data
+    feats = centred(_features(X, features))[0]  # assign() and cdist expand ||x - c||^2: centred, it cannot cancel
     picks = []
     for c in classes.tolist():
         rows = torch.nonzero(y == c).flatten()

@@ -16,7 +16,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from .api import _as_tuple, _capture_backward, _per_sample_losses
-from .engine import LossFn, _RuleSource, select_params
+from .engine import LossFn, _parameters_restored, _RuleSource, select_params
 
 
 @dataclass
@@ -77,14 +77,9 @@ def _reference(model, inputs, targets, loss_fn, names):
         out = functional_call(model, {**p, **frozen, **buffers}, tuple(x.unsqueeze(0) for x in xs))
         return _per_sample_losses(loss_fn, out, t.unsqueeze(0), 1)[0]
 
-    # functional_call can leave plain tensors behind in a module reached at two paths
-    saved = [(m, n, p) for m in model.modules() for n, p in m._parameters.items()]
-    try:
+    with _parameters_restored(model):
         return vmap(grad(loss_one), in_dims=(None, *[0] * (len(inputs) + 1)), randomness="same")(
             params, *inputs, targets)
-    finally:
-        for m, n, p in saved:
-            m._parameters[n] = p
 
 
 def _reference_loop(model, inputs, targets, loss_fn, names):

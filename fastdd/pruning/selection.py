@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .._validate import as_labels, as_matrix, as_tensor, check_finite, check_fraction, check_positive_int, compute_dtype
+from .._validate import as_labels, as_matrix, as_tensor, centred, check_finite, check_fraction, check_positive_int
 
 KEEPS = ("hard", "easy", "random")
 
@@ -126,9 +126,7 @@ def recommend_keep(n_samples: int, fraction: float, num_classes: int = 1, abunda
 def _centred(embeddings) -> torch.Tensor:
     """Embeddings in the compute dtype, centred at their mean: both greedy rules use the expansion
     ``||x||^2 - 2 x.c + ||c||^2``, which cancels on uncentred data, and a common shift changes no pick."""
-    E = as_matrix(embeddings, "embeddings")
-    E = E.to(compute_dtype(E))
-    return E - E.mean(0)
+    return centred(as_matrix(embeddings, "embeddings"))[0]
 
 
 def kcenter_greedy(embeddings, budget: int, seed: int = 0, initial=None) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch
 
 from .._chunking import chunks, rows_per_chunk
 from ..distributed import all_gather_rows, all_sum, shard
-from .._validate import as_labels, as_matrix, check_positive_int, compute_dtype
+from .._validate import as_labels, as_matrix, centred, check_positive_int
 
 
 def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | None = None,
@@ -53,10 +53,8 @@ def knn_shapley(X_train, y_train, X_test, y_test, k: int = 5, chunk_size: int | 
     k = check_positive_int(k, "k")
     if k > N:
         raise ValueError(f"k={k} is larger than the training set ({N} points)")
-    dtype = torch.promote_types(compute_dtype(X_train), compute_dtype(X_test))
-    X_train, X_test = X_train.to(dtype), X_test.to(device=X_train.device, dtype=dtype)
-    offset = X_train.mean(0)  # centre both sides: the expansion below then keeps its precision
-    X_train, X_test = X_train - offset, X_test - offset
+    X_train, X_test = centred(X_train, X_test)  # the expansion below then keeps its precision
+    dtype = X_train.dtype
     tr_sq = X_train.square().sum(1)
     i = torch.arange(1, N, device=X_train.device, dtype=dtype)  # 1-indexed ranks 1..N-1
     weight = torch.clamp(i, max=k) / (i * k)  # min(K, i) / (i K)

@@ -4,15 +4,11 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import _checkpoint
 from .._validate import as_samples, as_tensor
-
-
-def _ce(outputs, targets):
-    return F.cross_entropy(outputs, targets, reduction="none")
+from .influence import _ce
 
 
 def _test_losses(model, X_test, y_test, loss_fn):

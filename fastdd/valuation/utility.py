@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import as_labels, as_matrix, as_samples, check_positive_int, compute_dtype
+from .._validate import as_labels, as_matrix, as_samples, centred, check_positive_int, compute_dtype
 
 
 class KNNUtility:
@@ -20,9 +20,7 @@ class KNNUtility:
         X_train, X_val = as_matrix(X_train, "X_train"), as_matrix(X_val, "X_val")
         if X_train.shape[1] != X_val.shape[1]:
             raise ValueError(f"X_train has {X_train.shape[1]} features but X_val has {X_val.shape[1]}")
-        dtype = torch.promote_types(compute_dtype(X_train), compute_dtype(X_val))
-        offset = X_train.to(dtype).mean(0)  # centred: cdist's GEMM expansion cancels on uncentred data
-        X_train, X_val = X_train.to(dtype) - offset, X_val.to(device=X_train.device, dtype=dtype) - offset
+        X_train, X_val = centred(X_train, X_val)  # cdist's GEMM expansion cancels on uncentred data
         self.y_train = as_labels(y_train, "y_train", n=len(X_train))
         self.y_val = as_labels(y_val, "y_val", n=len(X_val))
         self.k = check_positive_int(k, "k")
