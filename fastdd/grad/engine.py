@@ -306,11 +306,10 @@ class _RuleSource:
         gradients anyway and they fit the chunk budget, form them once and keep them for
         :meth:`weighted_sums` (a clipped sum then costs a tensordot, not a second backward)."""
         m, x, g = self.call.module, self.call.x, self.g
-        if keep and self.rule.norms_materialize(m, x, g):
-            numel = sum(p.numel() for p in m.parameters(recurse=False))
-            if g.shape[0] * numel * g.element_size() <= budget_bytes():
-                self._kept = self.materialize()
-                return {f: acc(t.flatten(1)).square().sum(1) for f, t in self._kept.items()}
+        numel = sum(p.numel() for p in m.parameters(recurse=False))
+        if keep and self.rule.norms_materialize(m, x, g) and _fits(g.shape[0] * numel, g.dtype):
+            self._kept = self.materialize()
+            return {f: acc(t.flatten(1)).square().sum(1) for f, t in self._kept.items()}
         return self._pick(self.rule.sq_norms(m, x, g, chunk_size), self.scale ** 2)
 
     def dots(self, vectors, chunk_size):
@@ -327,9 +326,19 @@ class _RuleSource:
         batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
             if self._kept is not None:  # formed for the norms (already scaled)
-                return {f: torch.tensordot(weights.to(acc_dtype(t)), acc(t), dims=1) for f, t in self._kept.items()}
+                return _weighted(self._kept, weights)
             g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size))
+
+
+def _fits(numel: int, dtype: torch.dtype) -> bool:
+    """Whether ``numel`` values of ``dtype`` fit the chunk budget (per-sample gradients worth keeping)."""
+    return numel * dtype.itemsize <= budget_bytes()
+
+
+def _weighted(grads: dict, weights: torch.Tensor) -> dict:
+    """``{name: sum_i weights_i * grads[name][i]}`` in the accumulation dtype."""
+    return {f: torch.tensordot(weights.to(acc_dtype(t)), acc(t), dims=1) for f, t in grads.items()}
 
 
 _NO_VMAP: set = set()  # module types torch.func's vmap failed on: served by a loop over samples
@@ -346,6 +355,7 @@ class _FuncSource:
                  grads: list, capture: _Capture, module_name: str):
         self.call, self.names, self.capture = call, names, capture
         self.params = {rel: params[full].detach() for rel, full in names.items()}
+        self._kept = None  # per-sample gradients formed for the norms, for a clipped sum
         B, module = call.batch_size, call.module
         # each output's batch dim (vmap's out_dims), found as for the inputs
         self.out_dims = []
@@ -427,11 +437,19 @@ class _FuncSource:
                 result[name][s] = grad
         return result
 
-    def sq_norms(self, chunk_size):
+    def sq_norms(self, chunk_size, keep: bool = False):
+        """Squared norms from chunks of materialized gradients; with ``keep`` and the whole batch
+        within the chunk budget, the gradients are kept for :meth:`weighted_sums` (no second vmap)."""
+        numel = sum(p.numel() for p in self.params.values())
+        kept = {} if keep and _fits(self.call.batch_size * numel, self.any_dtype()) else None
         out = {}
         for s in self._chunks(chunk_size):
             for name, grad in self.materialize(s).items():
                 out.setdefault(name, []).append(acc(grad.flatten(1)).square().sum(1))
+                if kept is not None:
+                    kept.setdefault(name, []).append(grad)
+        if kept is not None:
+            self._kept = {k: torch.cat(v) for k, v in kept.items()}
         return {k: torch.cat(v) for k, v in out.items()}
 
     def dots(self, vectors, chunk_size):
@@ -452,7 +470,10 @@ class _FuncSource:
         return out
 
     def weighted_sums(self, weights, chunk_size):
-        """``sum_i w_i g_i`` from chunks of materialized per-sample gradients (no rule here)."""
+        """``sum_i w_i g_i``: from the gradients kept for the norms, else from chunks of
+        materialized per-sample gradients (no rule here)."""
+        if self._kept is not None:
+            return _weighted(self._kept, weights)
         out = {}
         for s in self._chunks(chunk_size):
             for name, grad in self.materialize(s).items():
@@ -592,8 +613,8 @@ class _Engine:
                              f"got {buf.dtype} on {buf.device}")
 
     def sq_norms(self, chunk_size=None, keep: bool = False) -> torch.Tensor:
-        """Per-sample squared norms ``[B]``; ``keep``: rule sources keep per-sample gradients they
-        form anyway (within the chunk budget) for a following :meth:`weighted_sums`."""
+        """Per-sample squared norms ``[B]``; ``keep``: sources keep per-sample gradients they form
+        anyway (within the chunk budget) for a following :meth:`weighted_sums`."""
         B = self.batch_size
         device = next(iter(self.selected.values())).device
         total = torch.zeros(B, dtype=self.acc, device=device)
@@ -610,8 +631,7 @@ class _Engine:
                         summed = t if summed is None else summed + t
                     total[s] += summed.flatten(1).square().sum(1)
         for src, names in single.values():
-            norms = src.sq_norms(chunk_size, keep=True) if keep and isinstance(src, _RuleSource) else \
-                src.sq_norms(chunk_size)
+            norms = src.sq_norms(chunk_size, keep=keep)
             for n in names:
                 total += norms[n]
         return total
