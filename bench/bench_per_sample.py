@@ -23,7 +23,7 @@ import sys
 import time
 
 from _report import STEADY_MALLOC, reset_peak_rss, rss_kb, write_report
-from workloads import ENGINE, ce, dot_vectors, engine_workload, vmap_consumer
+from workloads import ENGINE, ce, dot_vectors, engine_workload, vmap_consumer, vmap_per_sample
 
 WORKLOADS = ENGINE
 # (workload, consumer, methods) measured; methods: fastdd (into the caller's buffers, out=,
@@ -56,19 +56,14 @@ PLAN = [
 
 
 # --------------------------------------------------------------------------- child side
-def _build(workload):
-    return engine_workload(workload)
-
-
 def _method(workload, consumer, method):
     """A zero-argument callable running one measurement, with its set-up done."""
     import torch
-    from torch.func import functional_call, grad, vmap
 
     import fastdd
     from fastdd.grad import per_sample_linear
 
-    model, x, y, loss = _build(workload)
+    model, x, y, loss = engine_workload(workload)
     loss_fn = loss or ce
     params = dict(model.named_parameters())
     B = x.shape[0]
@@ -108,8 +103,7 @@ def _method(workload, consumer, method):
 
             return functional_clipped_step
         detached = {n: p.detach() for n, p in params.items()}  # share memory: see each step's update
-        per_sample = vmap(grad(lambda p, xi, yi: loss_fn(functional_call(model, p, (xi.unsqueeze(0),)),
-                                                         yi.unsqueeze(0))[0]), in_dims=(None, 0, 0))
+        per_sample = vmap_per_sample(model, loss_fn)
 
         def vmap_clipped_step():  # materialize with vmap, clip, sum (the non-ghost way)
             grads = per_sample(detached, x, y)
@@ -140,11 +134,7 @@ def _method(workload, consumer, method):
 
             return step_and_norms
         detached = {n: p.detach() for n, p in params.items()}
-
-        def one(p, xi, yi):
-            return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))[0]
-
-        per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+        per_sample = vmap_per_sample(model, loss_fn)
 
         def step_then_vmap():
             step()
@@ -241,7 +231,7 @@ def child(workload, consumer, methods, threads, repeat, what):
             del res
     numel = None
     if consumer == "grads":
-        model, x, _, _ = _build(workload)
+        model, x, _, _ = engine_workload(workload)
         numel = x.shape[0] * sum(p.numel() for p in model.parameters())
     print(json.dumps({m: {"median_s": statistics.median(t), "min_s": min(t), "bytes": None if numel is None else 4 * numel}
                       for m, t in times.items()}))

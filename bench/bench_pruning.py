@@ -11,7 +11,7 @@ import torch
 
 from fastdd._timing import best_of
 from _report import write_report
-from workloads import kmeans_blobs
+from workloads import kmeans_blobs, vmap_per_sample
 
 
 def bench_kmeans(repeat):
@@ -39,9 +39,6 @@ def bench_kmeans(repeat):
 
 
 def bench_grand(repeat):
-    import torch.nn.functional as F
-    from torch.func import functional_call, grad, vmap
-
     from fastdd.models import MLP
     from fastdd.pruning import grand_scores
 
@@ -50,10 +47,7 @@ def bench_grand(repeat):
     X, y = torch.randn(1024, 1, 28, 28), torch.randint(0, 10, (1024,))
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def one(p, xi, yi):
-        return F.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
-
-    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+    per_sample = vmap_per_sample(model)
 
     def vmap_norms():
         return torch.cat([sum(g.flatten(1).square().sum(1) for g in per_sample(params, X[i:i + 256], y[i:i + 256]).values()).sqrt()

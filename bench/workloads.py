@@ -51,17 +51,23 @@ def dot_vectors(model, k: int = 8) -> dict:
     return {n: torch.randn(k, *p.shape, generator=g) for n, p in model.named_parameters()}
 
 
-def vmap_consumer(model, x, y, loss_fn, consumer: str, vectors=None):
-    """The public alternative: ``torch.func`` vmap(grad) per sample, then the consumer."""
+def vmap_per_sample(model, loss_fn=None):
+    """The public alternative: ``per_sample(params, x, y) -> {name: [B, *shape]}`` by torch.func's
+    vmap(grad) of each sample's own loss (``loss_fn`` per-sample, default cross-entropy)."""
     from torch.func import functional_call, grad, vmap
 
     loss_fn = loss_fn or ce
-    detached = {n: p.detach() for n, p in model.named_parameters()}
 
     def one(p, xi, yi):
         return loss_fn(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))[0]
 
-    per_sample = vmap(grad(one), in_dims=(None, 0, 0))
+    return vmap(grad(one), in_dims=(None, 0, 0))
+
+
+def vmap_consumer(model, x, y, loss_fn, consumer: str, vectors=None):
+    """vmap per-sample gradients (:func:`vmap_per_sample`), then the consumer."""
+    detached = {n: p.detach() for n, p in model.named_parameters()}
+    per_sample = vmap_per_sample(model, loss_fn)
     if consumer == "grads":
         return lambda: per_sample(detached, x, y)
     if consumer == "norms":
