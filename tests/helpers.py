@@ -1,4 +1,5 @@
 """Oracles shared by the tests."""
+import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
@@ -23,6 +24,14 @@ def vmap_per_sample_grads(model, inputs, targets, loss_fn=ce_losses, names=None)
     finally:
         for m, n, p in saved:
             m._parameters[n] = p
+
+
+def loop_per_sample_grads(model, inputs, targets, loss_fn=ce_losses):
+    """The definition, for models vmap cannot run: each sample's own loss, differentiated alone."""
+    params = dict(model.named_parameters())
+    rows = [torch.autograd.grad(loss_fn(model(inputs[i:i + 1]), targets[i:i + 1])[0], list(params.values()))
+            for i in range(len(targets))]
+    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(params)}
 
 
 def flat_sq_norms(grads):

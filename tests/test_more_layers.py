@@ -11,6 +11,8 @@ from torch import nn
 import fastdd
 from fastdd.grad import clipped_grad
 
+from helpers import loop_per_sample_grads
+
 B = 4
 
 
@@ -91,20 +93,12 @@ CASES = {
 }
 
 
-def _loop_reference(model, x, y):
-    """The definition: each sample's own loss, differentiated alone."""
-    params = dict(model.named_parameters())
-    rows = [torch.autograd.grad(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), list(params.values()))
-            for i in range(len(y))]
-    return {n: torch.stack([r[j] for r in rows]) for j, n in enumerate(params)}
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_layer_matches_the_per_sample_loop(case):
     torch.manual_seed(0)
     model, x = CASES[case]()
     y = torch.randint(0, 3, (B,))
-    expected = _loop_reference(model, x, y)
+    expected = loop_per_sample_grads(model, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # GRU: torch.func cannot vmap it (the fallback says so once)
         got = fastdd.per_sample_grads(model, x, y)
@@ -135,7 +129,7 @@ def test_compiled_model_works_and_is_checked():
     model = Head(nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5)), 5)
     compiled = torch.compile(model, backend="eager")  # dynamo's tracing without a C++ toolchain
     x, y = torch.randn(B, 6), torch.randint(0, 3, (B,))
-    expected = _loop_reference(model, x, y)
+    expected = loop_per_sample_grads(model, x, y)
     got = fastdd.per_sample_grads(compiled, x, y)
     for n, g in expected.items():
         torch.testing.assert_close(got[f"_orig_mod.{n}"], g, atol=1e-5, rtol=1e-4, msg=n)
