@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastdd.grad import per_sample_conv
 from fastdd.grad.per_sample_conv import conv_weight_grads, conv_weight_grads_ref, conv_weight_sqnorms
 from conftest import assert_close
 
@@ -43,6 +44,28 @@ def test_torch_path_matches_autograd(config):
     _, _, _, _, _, stride, padding, dilation = config
     x, g, shape = _inputs(*config)
     got = conv_weight_grads_ref(x, g, shape, stride, padding, dilation, 1)
+    assert_close(got, _autograd_oracle(x, g, shape, stride, padding, dilation), atol=1e-4, rtol=1e-5)
+
+
+# patches short enough for the CPU's unfold + bmm path: one input channel, strides, dilation, Conv1d
+SMALL_PATCH_CONFIGS = [
+    (3, 1, 7, (9, 8), (3, 3), (1, 1), (1, 1), (1, 1)),
+    (2, 1, 4, (10, 7), (3, 2), (2, 1), (0, 1), (2, 1)),
+    (2, 1, 5, (12,), (5,), (2,), (2,), (1,)),
+]
+
+
+@pytest.mark.parametrize("config", SMALL_PATCH_CONFIGS)
+def test_unfold_path_matches_autograd(monkeypatch, config):
+    _, _, _, _, _, stride, padding, dilation = config
+    x, g, shape = _inputs(*config)
+    calls = []
+    unfold = per_sample_conv.conv_weight_grads_unfold
+    monkeypatch.setattr(per_sample_conv, "conv_weight_grads_unfold", lambda *a: calls.append(1) or unfold(*a))
+    out = torch.full((x.shape[0], *shape), float("nan"))
+    got = conv_weight_grads(x, g, shape, stride, padding, dilation, 1, out=out)
+    assert calls, "a patch this short takes the unfold path on a CPU"
+    assert got.data_ptr() == out.data_ptr()
     assert_close(got, _autograd_oracle(x, g, shape, stride, padding, dilation), atol=1e-4, rtol=1e-5)
 
 

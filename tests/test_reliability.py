@@ -201,6 +201,25 @@ def test_gradient_scores_keep_float64():
     assert grand_scores(model.float(), X.float(), y).dtype == torch.float32
 
 
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_norm_layer_per_sample_grads_hold_on_uncentred_activations(norm):
+    # the GroupNorm/InstanceNorm rule reduces r (g . x - mu sum g) as torch's own backward does:
+    # activations at an offset of 1000 std stay within float32's reach of the exact answer
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(2, 4) if norm == "group" else nn.InstanceNorm2d(4, affine=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    x = 1000 + torch.randn(6, 4, 5, 5)
+    y = torch.randint(0, 3, (6,))
+    got = fastdd.per_sample_grads(model, x, y)
+    exact = fastdd.per_sample_grads(model.double(), x.double(), y)
+    for name in ("0.weight", "0.bias"):
+        err = (got[name].double() - exact[name]).abs().max() / exact[name].abs().max()
+        assert err < 2e-3, (name, float(err))
+
+
 def test_model_utility_fits_float64():
     X, y = _clusters(n_per=10, k=3, seed=7)
     U = ModelUtility(X + 1e4, y, X + 1e4, y)

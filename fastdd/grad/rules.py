@@ -302,6 +302,17 @@ class EmbeddingRule(Rule):
         return out
 
 
+def _norm_chunks(x):
+    """Chunks of samples for a norm layer's rule. On a CPU cache-sized (about 1 MB: no large
+    temporary to fault in, and a chunk stays in cache across the ops on it); on a GPU chunks that
+    small are launch-bound (128 of them at 32x32 x 128 channels doubled the ConvNet's per-sample
+    gradient time on an H200): the memory budget."""
+    B = x.shape[0]
+    if x.is_cuda:
+        return chunks(B, rows_per_chunk(B, 8 * x[0].numel()))
+    return chunks(B, max(1, min(B, (1 << 18) // max(1, x[0].numel()))))
+
+
 class _AffineNormRule(Rule):
     """Norm layers with per-channel (or per-feature) affine parameters: y = x_hat * w + b.
 
@@ -322,18 +333,10 @@ class _AffineNormRule(Rule):
     def materialize(self, m, x, g, out=None):
         res = {}
         if getattr(m, "weight", None) is not None:
-            # On a CPU, x_hat a cache-sized chunk of samples at a time (about 1 MB: no large
-            # temporary to page-fault in), reduced by vecdot (einsum's batched dot became a bmm of
-            # [B*C] 1 x S by S x 1 products, 3.4x slower at 32 channels x 28x28). On a GPU, chunks
-            # that small are launch-bound (128 of them at 32x32 x 128 channels doubled the
-            # ConvNet's per-sample gradient time on an H200): the memory budget.
-            B = x.shape[0]
-            if x.is_cuda:
-                step = rows_per_chunk(B, 8 * x[0].numel())
-            else:
-                step = max(1, min(B, (1 << 18) // max(1, x[0].numel())))
+            # x_hat a chunk of samples at a time (_norm_chunks), reduced by vecdot (einsum's batched
+            # dot became a bmm of [B*C] 1 x S by S x 1 products, 3.4x slower at 32 channels x 28x28)
             parts = [torch.linalg.vecdot(self.split(m, acc(g[s])), self.split(m, self.x_hat(m, acc(x[s]))))
-                     for s in chunks(B, step)]
+                     for s in _norm_chunks(x)]
             res["weight"] = self.unsplit(m, torch.cat(parts)).to(g.dtype)
         if getattr(m, "bias", None) is not None:
             res["bias"] = self.unsplit(m, self.split(m, acc(g)).sum(2)).to(g.dtype)
@@ -352,12 +355,60 @@ class LayerNormRule(_AffineNormRule):
         return t.view(t.shape[0], *m.normalized_shape)
 
 
-class GroupNormRule(_AffineNormRule):
+class _GroupStatsRule(_AffineNormRule):
+    """Norms over groups of channels of each sample (GroupNorm; InstanceNorm on its own statistics).
+
+    The weight gradient comes from each sample's group statistics instead of a recomputed x_hat:
+    ``sum_s g (x - mu) r = r (sum_s g x - mu sum_s g)``, the form torch's own GroupNorm backward
+    reduces with (so as exact as the layer's batch gradient), one pass over x for the statistics
+    and one for ``g . x``.
+    """
+
+    def groups(self, m) -> int | None:
+        """Channels per statistic group, or None where the layer does not normalize per sample."""
+        raise NotImplementedError
+
+    def materialize(self, m, x, g, out=None):
+        groups = self.groups(m)
+        if groups is None or getattr(m, "weight", None) is None:
+            return super().materialize(m, x, g, out)
+        B, C = x.shape[0], x.shape[1]
+        xs, gs = self.split(m, x), self.split(m, g)  # [B, C, S]
+        per_group = C // groups
+        # per chunk of samples (_norm_chunks: on a CPU x and g are then read from memory once):
+        # torch's own statistics kernel (var_mean is 15x slower on a CPU; its normalized output
+        # is discarded), g . x and sum g
+        g_dot_x = torch.empty((B, C), dtype=acc_dtype(g), device=g.device)
+        g_sum = torch.empty_like(g_dot_x)
+        means, rstds = [], []
+        for s in _norm_chunks(x):
+            xc, gc = acc(xs[s]), acc(gs[s])
+            _, mean, rstd = torch.native_group_norm(xc, None, None, xc.shape[0], C, xc.shape[2], groups, m.eps)
+            means.append(mean)
+            rstds.append(rstd)
+            torch.linalg.vecdot(gc, xc, out=g_dot_x[s])
+            torch.sum(gc, 2, out=g_sum[s])
+        mean = torch.cat(means).repeat_interleave(per_group, 1)
+        weight = (g_dot_x - mean * g_sum).mul_(torch.cat(rstds).repeat_interleave(per_group, 1))
+        res = {"weight": weight.to(g.dtype)}
+        if getattr(m, "bias", None) is not None:
+            res["bias"] = g_sum.to(g.dtype)
+        return res
+
+
+class GroupNormRule(_GroupStatsRule):
+    def groups(self, m):
+        return m.num_groups
+
     def x_hat(self, m, x):
         return F.group_norm(x, m.num_groups, None, None, m.eps)
 
 
-class InstanceNormRule(_AffineNormRule):
+class InstanceNormRule(_GroupStatsRule):
+    def groups(self, m):
+        use_input_stats = m.training or not m.track_running_stats
+        return m.num_features if use_input_stats else None  # running statistics: x_hat from them
+
     def x_hat(self, m, x):
         use_input_stats = m.training or not m.track_running_stats
         return F.instance_norm(x, m.running_mean, m.running_var, None, None, use_input_stats, 0.0, m.eps)
