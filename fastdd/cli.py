@@ -341,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.5, help="fraction of the training set to keep")
     p.add_argument("--score", choices=["prototypes", "el2n"], default="prototypes",
                    help="prototypes: self-supervised k-means distance (no labels); el2n: error norm of trained models")
-    p.add_argument("--policy", choices=["auto", "easy", "hard"], default="auto",
-                   help="keep easy or hard examples; auto follows Sorscher et al. (hard when data is abundant)")
+    p.add_argument("--policy", choices=["auto", "easy", "hard", "random", "ccs", "moderate"], default="auto",
+                   help="keep easy or hard examples (auto follows Sorscher et al.: hard when data is abundant), "
+                        "ccs (coverage-centric: holds at high pruning rates), moderate (scores nearest the median) "
+                        "or random")
     p.add_argument("--clusters", type=_count(0), default=0, help="k-means clusters (0: the number of classes)")
     p.add_argument("--epochs", type=_count(1), default=30, help="training epochs of the embedding / scoring models")
 

@@ -41,6 +41,15 @@ def test_prune_keeps_the_fraction(tmp_path):
     assert len(kept) == 20 and len(set(kept.tolist())) == 20 and kept.max() < 80
 
 
+def test_prune_ccs_policy_keeps_the_fraction(tmp_path):
+    data, out = tmp_path / "d.npz", tmp_path / "k.npy"
+    _blobs(data, n=200)
+    assert main(["prune", "--data", str(data), "--score", "el2n", "--keep", "0.1", "--epochs", "2",
+                 "--policy", "ccs", "--out", str(out), "--no-progress"]) == 0
+    kept = np.load(out)
+    assert len(kept) == 20 and len(set(kept.tolist())) == 20
+
+
 def test_distill_resume_equals_uninterrupted(tmp_path):
     data = tmp_path / "d.npz"
     _blobs(data, n=40, images=True)

@@ -136,7 +136,7 @@ def test_self_supervised_embeddings_group_classes(digits):
 
 
 # ------------------------------------------------------------------ selection
-@pytest.mark.parametrize("keep", ["hard", "easy", "random"])
+@pytest.mark.parametrize("keep", ["hard", "easy", "random", "ccs", "moderate"])
 @pytest.mark.parametrize("fraction", [0.1, 0.37, 1.0])
 def test_select_exact_fraction_balance_and_determinism(keep, fraction):
     gen = torch.Generator().manual_seed(0)
@@ -148,7 +148,7 @@ def test_select_exact_fraction_balance_and_determinism(keep, fraction):
     counts = torch.bincount(labels[idx], minlength=10)
     assert counts.max() - counts.min() <= 1  # exact balance up to the remainder
     assert torch.equal(idx, select(scores, fraction, keep=keep, labels=labels, seed=5))
-    if keep != "random" and fraction < 1:
+    if keep in ("hard", "easy") and fraction < 1:
         for c in range(10):  # within each class: all kept are harder (easier) than all dropped
             rows = torch.nonzero(labels == c).flatten()
             kept = torch.isin(rows, idx)
@@ -183,6 +183,94 @@ def test_select_bad_input():
         select(torch.rand(5), 0.5, labels=torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="scores contains NaN"):
         select(torch.tensor([1.0, float("nan")]), 0.5)
+
+
+def test_ccs_fills_strata_evenly_and_never_keeps_the_cut():
+    scores = torch.arange(1000, dtype=torch.float64)  # uniform: 10 strata of 100 points each
+    idx = select(scores, 0.1, keep="ccs", strata=10, hard_cutoff=0.0)
+    assert torch.bincount((scores[idx] // 100).long(), minlength=10).tolist() == [10] * 10
+    # the hardest 30% are dropped first; the budget spreads over the rest evenly
+    idx = select(scores, 0.1, keep="ccs", strata=7, hard_cutoff=0.3)
+    assert len(idx) == 100 and scores[idx].max() < 700
+    assert torch.bincount((scores[idx] // 100).long(), minlength=7).tolist() == [14, 14, 14, 14, 14, 15, 15] or \
+        sorted(torch.bincount((scores[idx] // 100).long(), minlength=7).tolist()) == [14] * 5 + [15] * 2
+
+
+def test_ccs_small_stratum_keeps_all_and_passes_its_share_on():
+    # 95 easy points in [0, 1) and 5 hard ones in [9, 10): with two strata the small one keeps all 5
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.cat([torch.rand(95, generator=gen), 9 + torch.rand(5, generator=gen)])
+    idx = select(scores, 0.2, keep="ccs", strata=2, hard_cutoff=0.0)
+    assert len(idx) == 20 and set(range(95, 100)) <= set(idx.tolist())
+    # score-only "hard" would take those 5 plus 15 of the easiest's top; "easy" none of them
+    assert not set(range(95, 100)) & set(select(scores, 0.2, keep="easy").tolist())
+
+
+def test_ccs_default_cutoff_grows_with_the_pruning_rate():
+    from fastdd.pruning.selection import ccs_hard_cutoff
+
+    assert ccs_hard_cutoff(0.3) == 0.0 and ccs_hard_cutoff(0.9) == pytest.approx(0.3)
+    scores = torch.arange(1000, dtype=torch.float64)
+    assert select(scores, 0.7, keep="ccs").max() == 999  # 30% pruned: nothing cut
+    assert select(scores, 0.1, keep="ccs").max() < 700  # 90% pruned: the hardest 30% cut
+
+
+def test_moderate_keeps_the_scores_nearest_the_class_median():
+    scores = torch.tensor([0.0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 100, 101, 102, 103, 104])
+    labels = torch.tensor([0] * 11 + [1] * 5)
+    assert select(scores[:11], 3 / 11, keep="moderate").tolist() == [4, 5, 6]
+    idx = select(scores, 0.25, keep="moderate", labels=labels)  # 2 per class
+    assert set(idx.tolist()) <= {4, 5, 6, 12, 13, 14} and 13 in idx.tolist()
+
+
+@pytest.mark.parametrize("keep", ["hard", "ccs", "moderate"])
+def test_select_says_equal_scores_fall_back_to_random(keep):
+    with pytest.warns(UserWarning, match="all 50 scores are equal .* falls back to a seeded random subset"):
+        idx = select(torch.ones(50), 0.2, keep=keep, seed=3)
+    assert len(idx) == 10
+
+
+def test_ccs_warns_for_a_class_smaller_than_the_strata():
+    labels = torch.tensor([0] * 30 + [1] * 300)
+    with pytest.warns(UserWarning, match=r"classes \[0\] have fewer points \(\[30\]\) than the 50 CCS strata"):
+        idx = select(torch.rand(330), 0.1, keep="ccs", labels=labels)
+    assert torch.bincount(labels[idx]).tolist() == [16, 17] or torch.bincount(labels[idx]).tolist() == [17, 16]
+
+
+def test_ccs_bad_input():
+    with pytest.raises(ValueError, match=r"hard_cutoff must be in \[0, 1\), got 1.0"):
+        select(torch.rand(10), 0.5, keep="ccs", hard_cutoff=1.0)
+    with pytest.raises(ValueError, match="hard_cutoff must be a non-negative number, got -0.1"):
+        select(torch.rand(10), 0.5, keep="ccs", hard_cutoff=-0.1)
+    with pytest.raises(ValueError, match="strata must be a positive integer, got 0"):
+        select(torch.rand(10), 0.5, keep="ccs", strata=0)
+    with pytest.raises(ValueError, match="keep must be one of 'hard', 'easy', 'random', 'ccs', 'moderate'"):
+        select(torch.rand(10), 0.5, keep="middle")
+
+
+# ------------------------------------------------------------------ the teacher-student phase transition
+def test_phase_transition_in_the_teacher_student_perceptron():
+    from fastdd.pruning.theory import phase_diagram
+
+    diagram = phase_diagram(d=30, alphas=(0.5, 24), fractions=(0.1, 0.5), n_seeds=10)
+    adv = diagram.advantage()  # error(easy) - error(hard)
+    assert adv[0, 0] < -0.05  # scarce data, heavy pruning: keeping the easy examples wins clearly
+    assert adv[1, 1] > 0  # abundant data, little pruning: keeping the hard ones wins
+    assert diagram.best()[0][0] == "easy" and diagram.best()[1][1] == "hard"
+    assert diagram.crossover_alpha() == [None, 24]
+    full = phase_diagram(d=30, alphas=(24,), fractions=(1.0,), n_seeds=10)
+    # every policy keeps everything at f = 1: the same student (up to the order of its examples)
+    assert float(full.errors["easy"][0, 0]) == pytest.approx(float(full.errors["hard"][0, 0]), abs=1e-9)
+    assert float(full.errors["random"][0, 0]) == pytest.approx(float(full.errors["hard"][0, 0]), abs=1e-9)
+
+
+def test_phase_diagram_bad_input():
+    from fastdd.pruning.theory import phase_diagram
+
+    with pytest.raises(ValueError, match=r"fractions must be in \(0, 1\], got 1.5"):
+        phase_diagram(d=5, alphas=(1,), fractions=(1.5,))
+    with pytest.raises(ValueError, match="alphas must be positive"):
+        phase_diagram(d=5, alphas=(0,), fractions=(0.5,))
 
 
 def test_recommend_keep_states_the_rule():

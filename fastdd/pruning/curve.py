@@ -75,14 +75,15 @@ class PruningCurve:
 
 
 def pruning_curve(X: torch.Tensor, y, X_test: torch.Tensor, y_test, scores,
-                  fractions=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0), keeps=KEEPS, n_seeds: int = 3,
+                  fractions=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0), keeps=("hard", "easy", "random"), n_seeds: int = 3,
                   train_fn: TrainFn | None = None, balanced: bool = True, progress: bool = False) -> PruningCurve:
     """Test accuracy after training on ``select(scores, fraction, keep, labels, seed)``.
 
     For each kept fraction and policy, ``n_seeds`` models are trained by
     ``train_fn(X_kept, y_kept, seed) -> model`` (default: the DC ConvNet, 30 epochs) and
     scored on the test set; seed s selects the subset (random policy) and seeds training.
-    ``balanced`` splits each budget equally across classes. At 100% every policy keeps
+    ``keeps``: any of ``select``'s policies (add ``"ccs"`` and ``"moderate"`` for high pruning
+    rates). ``balanced`` splits each budget equally across classes. At 100% every policy keeps
     everything, so one set of models serves all of them.
     """
     X, X_test = as_samples(X, "X"), as_samples(X_test, "X_test")
