@@ -1,5 +1,5 @@
 """pytest-benchmark: k-means against scikit-learn, KNN-Shapley at scale (float32, float64,
-uncentred), and the distillation ops (RBF MMD, class-wise gradient distance) per backend.
+uncentred), SemDeDup on 60,000 embeddings, and the distillation ops (RBF MMD, class-wise gradient distance) per backend.
 Workloads from bench/workloads.py, shared with bench_pruning.py and bench_valuation.py.
 
     pytest bench/test_bench_ops.py --benchmark-only
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import backends
-from workloads import kmeans_blobs, knn_problem
+from workloads import dedup_embeddings, kmeans_blobs, knn_problem
 
 
 @pytest.mark.parametrize("impl", ["fastdd", "sklearn"])
@@ -43,6 +43,15 @@ def test_knn_shapley(benchmark, case):
         X, Xt = X.double(), Xt.double()
     values = benchmark(lambda: knn_shapley(X, y, Xt, yt, k=5))
     assert values.shape == (100_000,) and torch.isfinite(values).all()
+
+
+def test_semdedup(benchmark):
+    from fastdd.curation import semdedup
+
+    benchmark.group = "SemDeDup 60,000 x 32 embeddings, k=245"
+    E, planted = dedup_embeddings()
+    res = benchmark(lambda: semdedup(E, eps=1e-4))
+    assert len(res.removed()) == planted  # exactly the planted near-copies
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

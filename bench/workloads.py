@@ -90,3 +90,15 @@ def knn_problem(n_train: int = 100_000, n_test: int = 1000, d: int = 64):
     X, y = torch.randn(n_train, d, generator=g), torch.randint(0, 10, (n_train,), generator=g)
     Xt, yt = torch.randn(n_test, d, generator=g), torch.randint(0, 10, (n_test,), generator=g)
     return X, y, Xt, yt
+
+
+def dedup_embeddings(n: int = 60_000, d: int = 32, duplicates: float = 0.05):
+    """``n`` embeddings (an SSL encoder's size for MNIST) around 200 centres, uncentred, the last
+    ``duplicates`` fraction near-copies (cosine > 0.9999) of random earlier rows: ``(E, n_planted)``."""
+    gen = torch.Generator().manual_seed(0)
+    n_dup = int(duplicates * n)
+    centers = torch.randn(200, d, generator=gen) * 3
+    base = centers[torch.randint(0, 200, (n - n_dup,), generator=gen)] + torch.randn(n - n_dup, d, generator=gen) + 2
+    src = torch.randint(0, n - n_dup, (n_dup,), generator=gen)
+    dups = base[src] + 1e-3 * torch.randn(n_dup, d, generator=gen)
+    return torch.cat([base, dups]), n_dup

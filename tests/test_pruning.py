@@ -99,6 +99,11 @@ def test_kmeans_bad_input():
 
 
 # ------------------------------------------------------------------ prototype scores
+def test_prototype_scores_refuse_identical_embeddings():
+    with pytest.raises(ValueError, match="all 6 rows are equal"):
+        prototype_scores(torch.ones(6, 4), n_clusters=2)
+
+
 def test_prototype_scores_outliers_are_hard():
     X, _ = blobs(500)
     gen = torch.Generator().manual_seed(3)

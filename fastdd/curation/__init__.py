@@ -1,4 +1,5 @@
-"""Data curation: keep the highest-quality examples."""
+"""Data curation: keep the highest-quality examples, drop semantic near-duplicates."""
 from .quality import QualityFilter
+from .semdedup import SemDeDupResult, semdedup
 
-__all__ = ["QualityFilter"]
+__all__ = ["QualityFilter", "SemDeDupResult", "semdedup"]

@@ -228,6 +228,9 @@ def prototype_scores(embeddings, n_clusters: int, labels=None, n_init: int = 3, 
     """
     E = as_matrix(embeddings, "embeddings")
     n_clusters = check_positive_int(n_clusters, "n_clusters")
+    if E.shape[0] > 1 and bool((E == E[0]).all()):
+        raise ValueError(f"embeddings: all {E.shape[0]} rows are equal, so no example is more prototypical than "
+                         "another; this is a broken embedding (an untrained or collapsed encoder?)")
     if labels is None:
         if n_clusters > E.shape[0]:
             raise ValueError(f"n_clusters={n_clusters} is larger than the number of points ({E.shape[0]})")
