@@ -346,6 +346,70 @@ def test_el2n_flags_flipped_labels(digits):
     assert roc_auc(scores, mask) > 0.9
 
 
+def test_training_dynamics_on_a_scripted_sequence():
+    from fastdd.pruning import TrainingDynamics
+
+    dyn = TrainingDynamics(3, num_classes=3, el2n_epochs=[1])
+    labels = torch.tensor([0, 1, 2])
+    epoch0 = torch.tensor([[2.0, 0.0, 1.0], [0.0, 1.0, 3.0], [0.0, 0.0, 5.0]])  # right, wrong, right
+    epoch1 = torch.tensor([[0.0, 1.0, 0.0], [0.0, 4.0, 1.0], [0.0, 0.0, 2.0]])  # wrong, right, right
+    dyn.update([0, 1, 2], epoch0, labels, epoch=0)
+    dyn.update([2, 0], epoch1[[2, 0]], labels[[2, 0]], epoch=1)  # any order, any subset
+    dyn.update([1], epoch1[[1]], labels[[1]], epoch=1)
+    # margins: sample 0: 1 then -1; sample 1: -2 then 3; sample 2: 5 then 2
+    torch.testing.assert_close(dyn.aum(), torch.tensor([0.0, 0.5, 3.5], dtype=torch.float64))
+    assert dyn.forgetting.forgetting.tolist() == [1, 0, 0]
+    expected = (torch.softmax(epoch1.double(), 1) - torch.eye(3, dtype=torch.float64)).norm(dim=1)
+    torch.testing.assert_close(dyn.el2n(epoch=1), expected)
+    torch.testing.assert_close(dyn.el2n(), expected)  # only epoch 1 was recorded
+    torch.testing.assert_close(dyn.scores("aum"), -dyn.aum())
+    with pytest.raises(ValueError, match=r"no EL2N was recorded at epoch 0; recorded: \[1\]"):
+        dyn.el2n(epoch=0)
+
+
+def test_training_dynamics_aum_flags_flipped_labels_in_a_training_loop(digits):
+    from fastdd.pruning import TrainingDynamics
+
+    bad, mask, gen = _corrupt(len(digits.y_train), seed=3)
+    y = digits.y_train.clone()
+    y[bad] = (y[bad] + torch.randint(1, 10, (len(bad),), generator=gen)) % 10
+    torch.manual_seed(0)
+    model = MLP(64, 10, hidden=(64,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    dyn = TrainingDynamics(len(y), num_classes=10)
+    for epoch in range(8):
+        for idx in torch.randperm(len(y), generator=gen).split(64):
+            logits = model(digits.X_train[idx])
+            dyn.update(idx, logits, y[idx], epoch=epoch)
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(logits, y[idx]).backward()
+            opt.step()
+    assert roc_auc(dyn.scores("aum"), mask) > 0.9
+    assert roc_auc(dyn.scores("el2n"), mask) > 0.9
+    assert torch.isfinite(dyn.scores("forgetting")).all()
+
+
+def test_training_dynamics_bad_input():
+    from fastdd.pruning import TrainingDynamics
+
+    dyn = TrainingDynamics(4, num_classes=3)
+    with pytest.raises(ValueError, match=r"logits must be \[b, num_classes\] = \[2, 3\], got \(2, 4\)"):
+        dyn.update([0, 1], torch.zeros(2, 4), [0, 1])
+    with pytest.raises(ValueError, match="indices has 3 entries but logits has 2 rows"):
+        dyn.update([0, 1, 2], torch.zeros(2, 3), [0, 1])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        dyn.update([0, 1], torch.zeros(2, 3), [0, 5])
+    with pytest.raises(ValueError, match="labels must hold integer class indices"):
+        dyn.update([0, 1], torch.zeros(2, 3), torch.tensor([0.5, 1.0]))
+    dyn.update([0, 1], torch.zeros(2, 3), [0, 1])
+    with pytest.raises(ValueError, match="2 samples were never presented"):
+        dyn.scores("aum")
+    with pytest.raises(ValueError, match="kind must be one of"):
+        dyn.scores("grand")
+    with pytest.raises(ValueError, match="num_classes must be at least 2"):
+        TrainingDynamics(4, num_classes=1)
+
+
 def test_forgetting_counts_on_a_scripted_sequence():
     t = ForgettingTracker(4)
     # sample: 0 learned then forgotten twice; 1 always right; 2 never right; 3 right, wrong, right

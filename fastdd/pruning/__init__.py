@@ -1,12 +1,13 @@
-"""Data pruning: difficulty scores, k-means prototypes, set selection and pruning curves."""
+"""Data pruning: difficulty scores (and a training-dynamics logger), k-means prototypes, set selection
+(score-based, coverage-centric, Moderate, coresets), pruning curves and the teacher-student theory."""
 from .curve import PruningCurve, default_train_fn, pruning_curve
 from .kmeans import KMeansResult, kmeans, prototype_scores
-from .scores import ForgettingTracker, el2n_scores, grand_scores
-from .selection import herding, kcenter_greedy, recommend_keep, select
+from .scores import ForgettingTracker, TrainingDynamics, el2n_scores, grand_scores
+from .selection import ccs_hard_cutoff, herding, kcenter_greedy, recommend_keep, select
 from .ssl import self_supervised_embeddings
 
 __all__ = [
     "ForgettingTracker", "KMeansResult", "PruningCurve", "default_train_fn", "el2n_scores", "grand_scores",
     "herding", "kcenter_greedy", "kmeans", "prototype_scores", "pruning_curve", "recommend_keep", "select",
-    "self_supervised_embeddings",
+    "self_supervised_embeddings", "TrainingDynamics", "ccs_hard_cutoff",
 ]

@@ -136,3 +136,99 @@ class ForgettingTracker:
         fill = float(self.forgetting.max()) + 1 if never_learned is None else float(never_learned)
         s[~self.learned] = fill
         return s
+
+
+class TrainingDynamics:
+    """Difficulty scores streamed from a user's own training loop, from the logits each step already
+    computed (nothing is re-run): forgetting events (Toneva et al. 2019), the area under the margin
+    (AUM, Pleiss et al. 2020: the mean over presentations of the true-class logit minus the largest
+    other one) and EL2N (Paul et al. 2021: ``||softmax - onehot||`` at the chosen epochs)::
+
+        dynamics = TrainingDynamics(len(train_set), num_classes=10)
+        for epoch in range(epochs):
+            for idx, x, y in loader:
+                logits = model(x)
+                dynamics.update(idx, logits, y, epoch=epoch)
+                F.cross_entropy(logits, y).backward(); ...
+        keep = select(dynamics.scores("aum"), 0.3, keep="ccs", labels=labels)
+
+    ``el2n_epochs``: epochs whose EL2N is kept (default every epoch; the paper reads it early, e.g.
+    the first 10% of training). ``scores(kind)`` is larger-is-harder for every kind (AUM negated).
+    """
+
+    KINDS = ("forgetting", "aum", "el2n")
+
+    def __init__(self, n_samples: int, num_classes: int, el2n_epochs=None):
+        self.n_samples = check_positive_int(n_samples, "n_samples")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        if num_classes < 2:
+            raise ValueError("num_classes must be at least 2: a margin needs another class")
+        self.el2n_epochs = None if el2n_epochs is None else {int(e) for e in el2n_epochs}
+        self.forgetting = ForgettingTracker(n_samples)
+        self.margin_sum = torch.zeros(n_samples, dtype=torch.float64)
+        self.presentations = torch.zeros(n_samples, dtype=torch.long)
+        self._el2n_sum = torch.zeros(n_samples, dtype=torch.float64)  # over the recorded epochs
+        self._el2n_count = torch.zeros(n_samples, dtype=torch.long)
+        self._el2n_epoch: dict[int, torch.Tensor] = {}  # epoch -> [N] (NaN where not presented)
+        self._epoch = 0
+
+    def end_epoch(self) -> None:
+        """Start the next epoch (for loops that do not pass ``epoch`` to :meth:`update`)."""
+        self._epoch += 1
+
+    def update(self, indices, logits: torch.Tensor, labels, epoch: int | None = None) -> None:
+        """Record one presentation of the samples ``indices [b]`` with their ``logits [b, C]``
+        (detached here) and ``labels [b]``."""
+        indices = torch.as_tensor(indices).long().flatten().cpu()
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != self.num_classes:
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"logits must be [b, num_classes] = [{len(indices)}, {self.num_classes}], got {shape}")
+        if logits.shape[0] != len(indices):
+            raise ValueError(f"indices has {len(indices)} entries but logits has {logits.shape[0]} rows")
+        labels = as_labels(labels, "labels", n=len(indices)).cpu()
+        if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+        if epoch is not None:
+            self._epoch = int(epoch)
+        z = logits.detach().to(torch.float64).cpu()
+        self.forgetting.update(indices, z.argmax(1) == labels)  # checks the indices too
+        true = z.gather(1, labels.unsqueeze(1)).squeeze(1)
+        other = z.scatter(1, labels.unsqueeze(1), float("-inf")).amax(1)
+        self.margin_sum[indices] += true - other
+        self.presentations[indices] += 1
+        if self.el2n_epochs is None or self._epoch in self.el2n_epochs:
+            err = (F.softmax(z, dim=1) - F.one_hot(labels, self.num_classes).to(z.dtype)).norm(dim=1)
+            row = self._el2n_epoch.setdefault(self._epoch, torch.full((self.n_samples,), float("nan"),
+                                                                      dtype=torch.float64))
+            row[indices] = err
+            self._el2n_sum[indices] += err
+            self._el2n_count[indices] += 1
+
+    def aum(self) -> torch.Tensor:
+        """``[N]`` area under the margin (low: mislabelled or ambiguous); NaN for samples never seen."""
+        out = self.margin_sum / self.presentations.clamp_min(1)
+        out[self.presentations == 0] = float("nan")
+        return out
+
+    def el2n(self, epoch: int | None = None) -> torch.Tensor:
+        """``[N]`` EL2N at ``epoch``, or averaged over the recorded epochs (NaN where never recorded)."""
+        if epoch is not None:
+            if int(epoch) not in self._el2n_epoch:
+                raise ValueError(f"no EL2N was recorded at epoch {epoch}; recorded: {sorted(self._el2n_epoch)}")
+            return self._el2n_epoch[int(epoch)].clone()
+        out = self._el2n_sum / self._el2n_count.clamp_min(1)
+        out[self._el2n_count == 0] = float("nan")
+        return out
+
+    def scores(self, kind: str = "aum") -> torch.Tensor:
+        """``[N]`` larger-is-harder scores for :func:`select`: forgetting counts, ``-aum`` or EL2N."""
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
+        if kind == "forgetting":
+            return self.forgetting.scores().double()
+        unseen = self.presentations == 0
+        if unseen.any():
+            raise ValueError(f"{int(unseen.sum())} samples were never presented (e.g. index "
+                             f"{int(torch.nonzero(unseen)[0])}): their {kind} is undefined")
+        return -self.aum() if kind == "aum" else self.el2n()
