@@ -252,7 +252,9 @@ def cmd_prune(args) -> None:
             scores = el2n_scores(model_fn, X, y, epochs=min(args.epochs, 10), n_runs=3, seed=args.seed)
         keep = args.policy
         if keep == "auto":
-            keep = recommend_keep(len(y), args.keep, num_classes).keep
+            # the theory's boundary in the scores' own representation: embedding width or input size
+            dim = emb.shape[1] if args.score == "prototypes" else X[0].numel()
+            keep = recommend_keep(len(y), args.keep, num_classes, dim=dim).keep
         kept = select(scores, args.keep, keep=keep, labels=y, seed=args.seed)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc

@@ -365,7 +365,7 @@ def pruning_section(args, data) -> str:
                           train_fn=default_train_fn(args.epochs, num_classes=10), progress=True)
     figure = "pruning_curve.png"
     curve.plot(os.path.join(args.out, figure), title="digits: self-supervised prototype pruning")
-    advice = recommend_keep(len(y), 0.3, num_classes=10)
+    advice = recommend_keep(len(y), 0.3, num_classes=10, dim=emb.shape[1])
     lines = [
         "# Data pruning on digits",
         "",
@@ -382,9 +382,9 @@ def pruning_section(args, data) -> str:
                     [(f"keep {round(100 * f)}%", round(f * len(y))) for f in fractions],
                     "; scoring costs 15 epochs of the embedding encoder on the full data, not included"),
         "",
-        f"`recommend_keep(n_samples={len(y)}, fraction=0.3, num_classes=10)`: keep **{advice.keep}**: {advice.reason}. "
-        "The rule is a prior from the paper's theory; the curve above is the measurement for this data "
-        "and this metric, and it wins where the two disagree.",
+        f"`recommend_keep(n_samples={len(y)}, fraction=0.3, num_classes=10, dim={emb.shape[1]})`: keep "
+        f"**{advice.keep}**: {advice.reason}. That boundary is the theory's; `pilot_boundary` measures this "
+        "data's own, and the curve above is the measurement that wins where they disagree.",
     ]
     with open(os.path.join(args.out, "pruning.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -1,5 +1,7 @@
 """Pruning: k-means, prototype scores, selection, GraNd, EL2N, forgetting, pruning curves."""
 
+import math
+
 import pytest
 import torch
 
@@ -278,11 +280,56 @@ def test_phase_diagram_bad_input():
         phase_diagram(d=5, alphas=(0,), fractions=(0.5,))
 
 
-def test_recommend_keep_states_the_rule():
-    scarce = recommend_keep(1347, 0.5, num_classes=10)
-    assert scarce.keep == "easy" and "scarce" in scarce.reason
-    abundant = recommend_keep(1_000_000, 0.5, num_classes=10)
-    assert abundant.keep == "hard" and "abundant" in abundant.reason
+def test_recommend_keep_follows_the_theory_boundary_and_says_so():
+    scarce = recommend_keep(1347, 0.2, num_classes=10, dim=32)
+    assert scarce.keep == "easy" and "teacher-student perceptron" in scarce.reason and "scarce" in scarce.reason
+    abundant = recommend_keep(1_000_000, 0.8, num_classes=10, dim=32)
+    assert abundant.keep == "hard" and "abundant" in abundant.reason and "extrapolated" in abundant.reason
+    # the same data in a wider representation is scarcer: the theory's alpha is P / d
+    assert recommend_keep(60_000, 0.4, num_classes=10, dim=16).keep == "hard"
+    assert recommend_keep(60_000, 0.4, num_classes=10, dim=4096).keep == "easy"
+    with pytest.raises(ValueError, match="needs a measured boundary .* or dim="):
+        recommend_keep(1000, 0.5, num_classes=10)
+    with pytest.raises(ValueError, match="boundary must be a KeepBoundary"):
+        recommend_keep(1000, 0.5, num_classes=10, boundary="hard")
+
+
+def test_keep_boundary_recovers_a_planted_line():
+    from fastdd.pruning.boundary import KeepBoundary
+
+    # advantage = log(n) + 4 f - 6: hard wins above the line log n = 6 - 4 f
+    n = torch.tensor([10.0, 30, 100, 300, 1000, 3000]).repeat_interleave(5)
+    f = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9]).repeat(6)
+    adv = n.log() + 4 * f - 6
+    b = KeepBoundary.fit(n, f, adv, "a planted line")
+    for frac in (0.1, 0.5, 0.9):
+        assert b.crossover(frac) == pytest.approx(math.exp(6 - 4 * frac), rel=0.35)
+    assert b.margin(3000, 0.9) > 0 > b.margin(10, 0.1)
+    constant = KeepBoundary.fit([10, 100], [0.5, 0.5], [-0.1, -0.2], "easy everywhere")
+    assert constant.margin(1e6, 1.0) < 0 and constant.crossover(0.5) is None
+    with pytest.raises(ValueError, match="one length"):
+        KeepBoundary.fit([1, 2], [0.5], [0.1, 0.2], "bad")
+
+
+def test_pilot_boundary_measures_on_the_users_data():
+    from fastdd.pruning.boundary import pilot_boundary
+    from fastdd.train import train_model
+
+    X, y = blobs(n=400, d=5, centers=4, spread=2.0)
+    scores = torch.rand(len(y), generator=torch.Generator().manual_seed(0))
+    trained = []
+
+    def train_fn(Xs, ys, seed):
+        trained.append(len(ys))
+        torch.manual_seed(seed)
+        return train_model(torch.nn.Linear(5, 4), Xs, ys, epochs=3, seed=seed)
+
+    b = pilot_boundary(X, y, scores, train_fn=train_fn, sizes=[80, 320], fractions=(0.25, 0.75))
+    assert len(trained) == 2 * 2 * 2 and len(b.measurements) == 4  # easy and hard per (size, fraction)
+    assert "8 trainings" in b.source and "held-out" in b.source
+    assert {round(m[0]) for m in b.measurements} == {20, 80}  # per class
+    rec = recommend_keep(320, 0.5, num_classes=4, boundary=b)
+    assert rec.keep in ("easy", "hard") and "pilot sweep" in rec.reason
 
 
 def test_kcenter_greedy_covers_better_than_random():

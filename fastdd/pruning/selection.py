@@ -188,24 +188,52 @@ class Recommendation(NamedTuple):
     reason: str
 
 
-def recommend_keep(n_samples: int, fraction: float, num_classes: int = 1, abundant_per_class: int = 1000) -> Recommendation:
-    """Which end of a difficulty ranking to keep (Sorscher et al. 2022).
+def recommend_keep(n_samples: int, fraction: float, num_classes: int = 1, boundary=None,
+                   dim: int | None = None) -> Recommendation:
+    """Which end of a difficulty ranking to keep (Sorscher et al. 2022), from a measured boundary.
 
-    Their analysis: with scarce data the best pruning keeps the *easy* examples (the
-    model still needs the prototypes of each class); with abundant data it keeps the
-    *hard* ones (the easy ones are redundant). "Abundant" is judged by the examples per
-    class that survive pruning, against ``abundant_per_class`` (a heuristic threshold;
-    the crossover depends on the task and model).
+    With scarce data (or heavy pruning) keeping the *easy* examples wins; with abundant data (and
+    light pruning) keeping the *hard* ones does; where the line between lies depends on the data,
+    the model and the metric, so it is measured, not assumed:
+
+    - ``boundary``: a :class:`~fastdd.pruning.boundary.KeepBoundary` measured on your data
+      (:func:`~fastdd.pruning.boundary.pilot_boundary`, a small sweep whose cost it states);
+    - else ``dim``: the dimension of the representation the difficulty lives in (the embedding's
+      width for prototype scores): the teacher-student perceptron's measured boundary, with the
+      training set in units of ``alpha = (2 n_samples / num_classes) / dim`` (the theory's P / d for
+      its two classes).
+
+    The reason says what was measured and how far the point lies from the boundary.
     """
+    from .boundary import KeepBoundary, theory_boundary
+
     check_positive_int(n_samples, "n_samples")
     fraction = check_fraction(fraction)
     check_positive_int(num_classes, "num_classes")
-    kept_per_class = n_samples * fraction / num_classes
-    if kept_per_class >= abundant_per_class:
-        return Recommendation("hard", f"{kept_per_class:.0f} examples per class remain (>= {abundant_per_class}): "
-                                      "data is abundant, so easy examples are redundant; keep the hard ones")
-    return Recommendation("easy", f"only {kept_per_class:.0f} examples per class remain (< {abundant_per_class}): "
-                                  "data is scarce, so keep the easy, prototypical examples")
+    if boundary is None:
+        if dim is None:
+            raise ValueError("recommend_keep needs a measured boundary (boundary=pilot_boundary(X, y, scores) on "
+                             "your data) or dim=, the dimension of the representation the scores come from, for "
+                             "the teacher-student theory's boundary")
+        dim = check_positive_int(dim, "dim")
+        boundary = theory_boundary()
+        n = 2 * n_samples / num_classes / dim
+        where = f"alpha = 2 x {n_samples} / {num_classes} classes / {dim} dims = {n:.3g}"
+    else:
+        if not isinstance(boundary, KeepBoundary):
+            raise ValueError(f"boundary must be a KeepBoundary (from pilot_boundary), got {type(boundary).__name__}")
+        n = n_samples / num_classes
+        where = f"{n:.0f} {boundary.unit}"
+    margin = boundary.margin(n, fraction)
+    keep = "hard" if margin > 0 else "easy"
+    lo, hi = boundary.n_range
+    outside = "" if lo <= n <= hi else f" (outside the measured range {lo:.3g}-{hi:.3g}: extrapolated)"
+    cross = boundary.crossover(fraction)
+    line = "" if cross is None else f"; at {fraction:.0%} kept the policies swap near {cross:.3g}"
+    why = ("data is abundant for this kept fraction: the easy examples are redundant" if keep == "hard" else
+           "data is scarce for this kept fraction: the model still needs the prototypical examples")
+    return Recommendation(keep, f"{where}{outside}, {fraction:.0%} kept, lies on the keep-{keep} side of the "
+                                f"boundary measured by {boundary.source} (margin {margin:+.2f}{line}): {why}")
 
 
 def _centred(embeddings) -> torch.Tensor:
