@@ -50,7 +50,9 @@ def _count(minimum: int):
 # --------------------------------------------------------------------------- shared pieces
 def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--data", default=None, metavar="PATH",
-                   help="a .npz or .pt file with arrays X and y (optional X_test, y_test); default: the bundled digits")
+                   help="a .npz or .pt file with arrays X and y (optional X_test, y_test; or X_train, y_train, "
+                        "X_test, y_test), or an image folder (root/[train|test]/<class>/*.png); uint8 images are "
+                        "scaled and standardized per channel; default: the bundled digits")
     p.add_argument("--out", required=True, metavar="PATH", help=out_help)
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (never an input of the run)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -60,7 +62,7 @@ def _add_common(p: argparse.ArgumentParser, out_help: str) -> None:
 def _load(args):
     import torch
 
-    from .data import DataFileError, load_data_file, load_digits
+    from .data import DataFileError, load, load_digits
 
     torch.manual_seed(args.seed)
     if args.data is None:
@@ -68,9 +70,9 @@ def _load(args):
             return load_digits(seed=args.seed)
         except ImportError as exc:
             raise UsageError(f"{exc} (or pass your own --data)") from exc
-    try:
-        return load_data_file(args.data, seed=args.seed)
-    except DataFileError as exc:
+    try:  # a .npz / .pt file or an image folder (uint8 pixels standardized, the statistics recorded)
+        return load(args.data, test_fraction=0.25, seed=args.seed)
+    except (DataFileError, ImportError) as exc:
         raise UsageError(str(exc)) from exc
 
 
@@ -161,6 +163,8 @@ def cmd_distill(args) -> None:
                       seed=args.seed, checkpoint=args.checkpoint, progress=not args.no_progress, **options)
     except ValueError as exc:  # ipc larger than a class, image size the model cannot take, ...
         raise UsageError(str(exc)) from exc
+    if getattr(data, "normalization", None) is not None:  # so the set can be shown in pixel space
+        syn.info["normalization"] = data.normalization.as_dict()
     syn.save(args.out)
     print(f"wrote {len(syn.images)} synthetic images ({args.ipc} per class, {args.method}) to {args.out}")
     if args.evaluate:

@@ -37,6 +37,23 @@ class SyntheticSet:
         _checkpoint.save(path, {"identity": {"kind": "SyntheticSet"}, "images": self.images, "labels": self.labels,
                                 "lr": self.lr, "method": self.method, "ipc": self.ipc, "info": self.info})
 
+    def to_pixels(self, normalization=None) -> torch.Tensor:
+        """The images in [0, 1] pixel space, undoing the standardization the real data had
+        (``normalization``: a :class:`fastdd.data.Normalization` or its dict; default the one
+        recorded in ``info["normalization"]``, which ``fastdd distill`` and ``Dataset`` loads set)."""
+        from ..data import Normalization
+
+        norm = normalization if normalization is not None else self.info.get("normalization")
+        if norm is None:
+            raise ValueError("this synthetic set records no normalization of its real data: pass "
+                             "normalization= (e.g. fastdd.data.load(...).normalization)")
+        if isinstance(norm, dict):
+            norm = Normalization(norm["mean"], norm["std"])
+        if self.images.dim() != 4 or self.images.shape[1] != len(norm.mean):
+            raise ValueError(f"images of shape {tuple(self.images.shape)} do not match a normalization of "
+                             f"{len(norm.mean)} channel(s)")
+        return norm.to_pixels(self.images.detach().float())
+
     @classmethod
     def load(cls, path: str) -> "SyntheticSet":
         """The set saved at ``path``, read without running code (``weights_only``); a
