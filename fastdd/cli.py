@@ -144,7 +144,7 @@ def cmd_distill(args) -> None:
     from .distill.api import check_options
 
     _check_out(args, (".pt", ".pth"), "the synthetic set")
-    options = {"model_options": {"width": args.width, "depth": args.depth} if args.model == "convnet" else {},
+    options = {"model_options": {"width": args.width, "depth": args.depth} if args.model in ("convnet", "convnetbn") else {},
                "init": args.init}
     if args.low_memory:
         if args.method != "mtt":
@@ -168,7 +168,7 @@ def cmd_distill(args) -> None:
     syn.save(args.out)
     print(f"wrote {len(syn.images)} synthetic images ({args.ipc} per class, {args.method}) to {args.out}")
     if args.evaluate:
-        mean, std = evaluate(syn.images, syn.labels, data.X_test.float(), data.y_test, model=args.model,
+        mean, std = evaluate(syn, data.X_test.float(), data.y_test, model=args.model,
                              n_models=args.evaluate, seed=args.seed, model_options=options["model_options"])
         print(f"test accuracy of {args.evaluate} fresh {args.model}s trained on it: {100 * mean:.1f} ± {100 * std:.1f}%")
 
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="{distill,value,prune,bench,demo}")
 
     from .distill.api import METHODS, method_options
+    from .models import ZOO
 
     listing = "\n".join(f"  {m}: {', '.join(method_options(m))}" for m in METHODS)
     p = sub.add_parser("distill", help="shrink the data to a few synthetic images per class",
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["dd", "dc", "dsa", "dm", "mtt"], default="dm", help="distillation method")
     p.add_argument("--ipc", type=_count(1), default=10, help="synthetic images per class")
     p.add_argument("--iterations", type=_count(0), default=None, help="outer iterations (default: the method's, 200)")
-    p.add_argument("--model", default="convnet", choices=["convnet", "mlp", "lenet"], help="network")
+    p.add_argument("--model", default="convnet", choices=list(ZOO), help="network (the reference code's zoo)")
     p.add_argument("--init", default="real", choices=["real", "noise"], help="start from real images or noise")
     p.add_argument("--width", type=_count(1), default=64, help="ConvNet width")
     p.add_argument("--depth", type=_count(1), default=2, help="ConvNet depth")

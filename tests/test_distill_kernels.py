@@ -87,6 +87,20 @@ def test_grad_distance_is_zero_for_equal_gradients_and_orders_mismatch():
         assert (near < far).all(), metric
 
 
+def test_grad_distance_backward_is_finite_where_a_gradient_row_is_zero():
+    # a dead ReLU unit gives an all-zero row of the synthetic gradient: its cosine is 0, and the
+    # backward must stay finite (it was NaN: sqrt's derivative at 0)
+    real, _ = _grad_layers(2, LAYER_SHAPES[0], "cpu", seed=2)
+    layout = SegmentLayout.of_shapes(LAYER_SHAPES[0], "cpu")
+    a = pack(real)
+    b = a.clone() + 0.1
+    b[:, :27] = 0.0  # the first segment (output channel 0 of the 4 x 3 x 3 x 3 layer) is zero
+    b.requires_grad_(True)
+    for metric in ("ours", "cos"):
+        (g,) = torch.autograd.grad(classwise_grad_distance(a, b, layout, metric).sum(), b)
+        assert torch.isfinite(g).all(), metric
+
+
 def test_grad_distance_bad_input():
     layout = SegmentLayout.of_shapes([(2, 3)], "cpu")
     with pytest.raises(ValueError, match="metric must be"):

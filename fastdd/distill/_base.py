@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import as_labels, check_positive_int
-from ..models import get_model
+from ..models import build, check_logits, model_name
 
 
 class Distiller:
@@ -38,13 +38,12 @@ class Distiller:
     def _check_model_takes(self, image: torch.Tensor) -> None:
         """A clear error, before any work, when the network cannot take images of this size."""
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                net = get_model(self.model, image.shape[1], self.num_classes, tuple(image.shape[-2:]),
-                                **self.model_options)
-                net.to(image.device)(image)
+            with torch.random.fork_rng(devices=[]):
+                net = build(self.model, image.shape[1], self.num_classes, tuple(image.shape[-2:]), self.model_options)
+            check_logits(net.to(image.device), image, self.num_classes, self.model)
         except (RuntimeError, ValueError) as exc:
             C, H, W = image.shape[1:]
-            raise ValueError(f"images of {C} x {H} x {W} do not fit model {self.model!r} with "
+            raise ValueError(f"images of {C} x {H} x {W} do not fit model {model_name(self.model)!r} with "
                              f"{self.model_options or 'default options'}: {exc}") from exc
 
     def _initial_images(self, init: str = "real") -> torch.Tensor:
@@ -64,8 +63,7 @@ class Distiller:
             seed = int(torch.randint(2**31 - 1, (1,), generator=self.gen))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            net = get_model(self.model, self.X.shape[1], self.num_classes, tuple(self.X.shape[-2:]),
-                            **self.model_options)
+            net = build(self.model, self.X.shape[1], self.num_classes, tuple(self.X.shape[-2:]), self.model_options)
         return net.to(self.X.device)
 
     def _real_batch(self, per_class: int):

@@ -11,6 +11,7 @@ import torch
 
 from .. import _checkpoint
 from .._validate import as_images, as_labels, check_positive_int
+from ..models import model_name
 from .augment import DSA
 from .dc import GradientMatching
 from .dd import MetaLearning
@@ -182,7 +183,7 @@ def _make(method, X, y, ipc, model, seed, options):
     return TrajectoryMatching(X, y, ipc, experts, model=model, seed=seed, **options)
 
 
-def distill(X: torch.Tensor, y, method: str, ipc: int, model: str = "convnet", iterations: int | None = None,
+def distill(X: torch.Tensor, y, method: str, ipc: int, model="convnet", iterations: int | None = None,
             seed: int = 0, checkpoint: str | None = None, checkpoint_every: int = 20, progress: bool = False,
             **options) -> SyntheticSet:
     """Distill ``(X [N, C, H, W], y [N])`` into ``ipc`` images per class with ``method``.
@@ -198,6 +199,10 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model: str = "convnet", i
     fingerprint of ``X`` and ``y``: a checkpoint that differs in any of them is refused,
     naming what differs, and so is one already past ``iterations``.
 
+    ``model``: a name of :data:`fastdd.models.ZOO` (``model_options=`` its keywords) or a callable
+    returning a fresh ``nn.Module`` mapping images to logits ``[B, num_classes]`` (your own
+    architecture; a checkpoint's identity then holds its qualified name).
+
     ``X`` must be float32 images (numpy accepted), finite; ``y`` integer labels.
     """
     if method not in METHODS:
@@ -208,7 +213,8 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model: str = "convnet", i
     iterations = _iterations(iterations, method)
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     check_options(method, options)
-    identity = _checkpoint.fingerprint({"method": method, "ipc": ipc, "model": model, "seed": seed, "X": X, "y": y,
+    identity = _checkpoint.fingerprint({"method": method, "ipc": ipc, "model": model_name(model), "seed": seed,
+                                        "X": X, "y": y,
                                         "options": _resolved_options(method, options)})
     state = _checkpoint.load(checkpoint, identity)
     if state is not None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from ._base import Distiller
 from ..distributed import all_gather_rows, shard
+from ..models import embedding_fn
+from ._base import Distiller
 from .augment import DSA
 from .mmd import check_kernel, class_mmd
 
@@ -52,7 +53,7 @@ class DistributionMatching(Distiller):
         net = self._fresh_net().train()
         for p in net.parameters():
             p.requires_grad_(False)
-        return net.embed
+        return embedding_fn(net)
 
     def step(self) -> float:
         """One iteration: fresh frozen network, per-class mean-embedding distances, one SGD step."""

@@ -10,21 +10,38 @@ import torch
 import torch.nn.functional as F
 
 from .._validate import as_images, as_labels, as_samples, centred, check_positive_int, compute_dtype
-from ..models import get_model
+from ..models import build, check_logits
 from ..pruning.kmeans import assign, kmeans
 from ..pruning.selection import herding
 from ..train import accuracy
 
 
-def evaluate(images: torch.Tensor, labels, X_test: torch.Tensor, y_test, model: str = "convnet", n_models: int = 5,
-             epochs: int = 300, lr: float = 0.01, batch_size: int = 256, augment=None, seed: int = 0,
+def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_models: int = 5,
+             epochs: int = 300, lr: float | None = None, batch_size: int = 256, augment=None, seed: int = 0,
              model_options: dict | None = None, progress: bool = False) -> tuple[float, float]:
-    """Final-epoch test accuracy of ``n_models`` fresh models trained on ``(images, labels)``.
+    """Final-epoch test accuracy of ``n_models`` fresh models trained on ``(images, labels)``, or on a
+    :class:`~fastdd.distill.SyntheticSet`: ``evaluate(syn, X_test, y_test, ...)``.
 
     Schedule (the DC protocol): SGD, momentum 0.9, weight decay 5e-4, ``lr`` divided by 10
-    at half of ``epochs``; ``augment`` (e.g. :class:`fastdd.distill.augment.DSA`) draws a new
-    augmentation per batch during training. Returns ``(mean, std)`` accuracy in [0, 1].
+    at half of ``epochs``; ``lr`` defaults to a synthetic set's learned lr (MTT, DD) and to 0.01
+    otherwise. ``augment`` (e.g. :class:`fastdd.distill.augment.DSA`) draws a new augmentation
+    per batch during training. ``model``: a zoo name or a callable returning a fresh
+    ``nn.Module``. Returns ``(mean, std)`` accuracy in [0, 1].
     """
+    from .api import SyntheticSet
+
+    if isinstance(images, SyntheticSet):
+        if y_test is None:  # evaluate(syn, X_test, y_test)
+            X_test, y_test = labels, X_test
+        images, labels, learned = images.images.detach(), images.labels, images.lr
+        if lr is None and learned is not None:
+            lr = float(learned)
+    if lr is None:
+        lr = 0.01
+    if labels is None or X_test is None or y_test is None:
+        raise ValueError("evaluate needs (images, labels, X_test, y_test) or (synthetic_set, X_test, y_test)")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
     images = as_images(images, "images")
     X_test = as_images(X_test, "X_test")
     if X_test.shape[1:] != images.shape[1:]:
@@ -44,8 +61,9 @@ def evaluate(images: torch.Tensor, labels, X_test: torch.Tensor, y_test, model: 
     for r in runs:
         torch.manual_seed(seed + r)
         gen = torch.Generator().manual_seed(seed + r)
-        net = get_model(model, images.shape[1], num_classes, tuple(images.shape[-2:]), **(model_options or {}))
-        net = net.to(images.device)
+        net = build(model, images.shape[1], num_classes, tuple(images.shape[-2:]), model_options).to(images.device)
+        if r == 0:
+            check_logits(net, images[:2], num_classes, model)
         opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[epochs // 2], gamma=0.1)
         net.train()

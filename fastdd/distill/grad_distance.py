@@ -145,7 +145,9 @@ class _RowStats(torch.autograd.Function):
 
 
 def _cos(ab, aa, bb):
-    return ab / (aa.sqrt().clamp_min(EPS) * bb.sqrt().clamp_min(EPS))
+    # clamp the squared norms before the root: sqrt'(0) is inf, and a row whose gradient is exactly
+    # zero (a dead ReLU unit) made the backward NaN; the values are those of sqrt(.).clamp_min(EPS)
+    return ab / (aa.clamp_min(EPS * EPS).sqrt() * bb.clamp_min(EPS * EPS).sqrt())
 
 
 def check_metric(metric: str) -> None:

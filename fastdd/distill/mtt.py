@@ -22,7 +22,7 @@ from torch.func import functional_call
 
 from .. import _checkpoint
 from .._validate import as_labels, check_positive_int
-from ..models import get_model
+from ..models import build, model_name
 from ..train import train_model
 from ._base import Distiller
 from .augment import DSA
@@ -44,7 +44,7 @@ def train_experts(X: torch.Tensor, y, n_experts: int = 5, epochs: int = 15, mode
     check_positive_int(n_experts, "n_experts")
     check_positive_int(epochs, "epochs")
     num_classes = int(y.max()) + 1
-    identity = {"epochs": epochs, "model": model, "options": dict(model_options or {}), "lr": lr, "n": len(y)}
+    identity = {"epochs": epochs, "model": model_name(model), "options": dict(model_options or {}), "lr": lr, "n": len(y)}
     trajectories = []
     it = range(n_experts)
     if progress:
@@ -59,7 +59,7 @@ def train_experts(X: torch.Tensor, y, n_experts: int = 5, epochs: int = 15, mode
             continue
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + i)
-            net = get_model(model, X.shape[1], num_classes, tuple(X.shape[-2:]), **(model_options or {})).to(X.device)
+            net = build(model, X.shape[1], num_classes, tuple(X.shape[-2:]), model_options).to(X.device)
         snapshots = [_flat(net)]
         for e in range(epochs):
             train_model(net, X, y, epochs=1, batch_size=batch_size, lr=lr, momentum=0.0, weight_decay=0.0,
@@ -103,7 +103,7 @@ class TrajectoryMatching(Distiller):
                              f"{T} epochs the experts were trained for")
         self.experts, self.syn_steps, self.expert_epochs, self.max_start = experts, syn_steps, expert_epochs, max_start_epoch
         with torch.random.fork_rng(devices=[]):  # only the structure matters: parameters come from the experts
-            self.net = get_model(model, X.shape[1], self.num_classes, tuple(X.shape[-2:]), **(model_options or {})).to(X.device)
+            self.net = build(model, X.shape[1], self.num_classes, tuple(X.shape[-2:]), model_options).to(X.device)
         self.names = [n for n, _ in self.net.named_parameters()]
         self.shapes = [p.shape for p in self.net.parameters()]
         self.sizes = [p.numel() for p in self.net.parameters()]

@@ -1,4 +1,5 @@
-"""Models used across fastdd: the DC ConvNet, an MLP and LeNet."""
+"""Models used across fastdd: the DC ConvNet, an MLP, LeNet, and the reference code's AlexNet, VGG11 and
+ResNet18 (with BatchNorm variants) for 28x28 and 32x32 images of any channel count."""
 from __future__ import annotations
 
 import torch
@@ -101,17 +102,200 @@ class LeNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
+def _hw(image_size):
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def _first_padding(h: int, w: int, kernel: int, target: int) -> int:
+    """Padding of the first conv that brings a smaller image (MNIST's 28x28) up to the ``target``
+    size the reference architecture was built for (32x32), as the reference code pads MNIST."""
+    if min(h, w) >= target:
+        return kernel // 2
+    return kernel // 2 + (target - min(h, w)) // 2
+
+
+class AlexNet(nn.Module):
+    """The dataset-condensation papers' AlexNet for 32x32 inputs (28x28 are padded up to 32 by the
+    first conv): five convs 128-192-256-192-192 with ReLU and three max-pools, then a Linear.
+    ``norm="batchnorm"`` is their AlexNetBN."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 32, norm: str = "none"):
+        super().__init__()
+        h, w = _hw(image_size)
+        if min(h, w) < 8:
+            raise ValueError(f"alexnet needs images of at least 8x8, got {h}x{w}")
+        pad = _first_padding(h, w, 5, 32)
+        widths = [(in_channels, 128, 5, pad), (128, 192, 5, 2), (192, 256, 3, 1), (256, 192, 3, 1), (192, 192, 3, 1)]
+        layers = []
+        for i, (cin, cout, k, p) in enumerate(widths):
+            layers += [nn.Conv2d(cin, cout, k, padding=p), _norm(norm, cout), nn.ReLU(inplace=True)]
+            if i in (0, 1, 4):
+                layers.append(nn.MaxPool2d(2))
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        with torch.no_grad():
+            self.feature_dim = self.features(torch.zeros(1, in_channels, h, w)).shape[1]
+        self.classifier = nn.Linear(self.feature_dim, num_classes)
+
+    def embed(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+class VGG11(nn.Module):
+    """VGG11 for 32x32 inputs (28x28 padded up by the first conv), with instance norm by default as
+    in the dataset-condensation code (``norm="batchnorm"``: their VGG11BN), then a Linear on 512."""
+
+    CFG = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 32, norm: str = "instancenorm"):
+        super().__init__()
+        h, w = _hw(image_size)
+        if min(h, w) < 16:
+            raise ValueError(f"vgg11 needs images of at least 16x16, got {h}x{w}")
+        layers, c, first = [], in_channels, True
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
+            layers += [nn.Conv2d(c, v, 3, padding=_first_padding(h, w, 3, 32) if first else 1), _norm(norm, v),
+                       nn.ReLU(inplace=True)]
+            c, first = v, False
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = 512
+        self.classifier = nn.Linear(512, num_classes)
+
+    def embed(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+class _BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, norm: str):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = _norm(norm, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = _norm(norm, cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), _norm(norm, cout))
+
+    def forward(self, x):
+        out = self.relu(self.norm1(self.conv1(x)))
+        return self.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """The CIFAR-style ResNet-18 of the dataset-condensation code: a 3x3 stem at full resolution,
+    four stages of two basic blocks (64-128-256-512, stride 2 from the second), global average
+    pooling and a Linear; instance norm by default (``norm="batchnorm"``: their ResNet18BN)."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 32, norm: str = "instancenorm"):
+        super().__init__()
+        h, w = _hw(image_size)
+        if min(h, w) < 8:
+            raise ValueError(f"resnet18 needs images of at least 8x8, got {h}x{w}")
+        stages, c = [], 64
+        for i, width in enumerate((64, 128, 256, 512)):
+            stride = 1 if i == 0 else 2
+            stages += [_BasicBlock(c, width, stride, norm), _BasicBlock(width, width, 1, norm)]
+            c = width
+        self.features = nn.Sequential(nn.Conv2d(in_channels, 64, 3, padding=1, bias=False), _norm(norm, 64),
+                                      nn.ReLU(inplace=True), *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feature_dim = 512
+        self.classifier = nn.Linear(512, num_classes)
+
+    def embed(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.classifier(self.embed(x))
+
+
+# name -> (class, fixed options): the reference code's names, BatchNorm variants included
+ZOO = {
+    "convnet": (ConvNet, {}), "convnetbn": (ConvNet, {"norm": "batchnorm"}),
+    "mlp": (None, {}), "lenet": (LeNet, {}),
+    "alexnet": (AlexNet, {}), "alexnetbn": (AlexNet, {"norm": "batchnorm"}),
+    "vgg11": (VGG11, {}), "vgg11bn": (VGG11, {"norm": "batchnorm"}),
+    "resnet18": (ResNet18, {}), "resnet18bn": (ResNet18, {"norm": "batchnorm"}),
+}
+
+
 def get_model(name: str, in_channels: int, num_classes: int, image_size: int | tuple = 32, **options) -> nn.Module:
-    """Build ``"convnet"``, ``"mlp"`` or ``"lenet"`` for ``[B, in_channels, H, W]`` inputs,
-    ``image_size`` being ``H = W`` or ``(H, W)``."""
-    name = name.lower()
-    h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if name == "convnet":
-        return ConvNet(in_channels, num_classes, image_size, **options)
-    if name == "mlp":
+    """Build a model of :data:`ZOO` by name (``convnet``, ``convnetbn``, ``mlp``, ``lenet``,
+    ``alexnet(bn)``, ``vgg11(bn)``, ``resnet18(bn)``) for ``[B, in_channels, H, W]`` inputs,
+    ``image_size`` being ``H = W`` or ``(H, W)``; ``options`` go to its constructor."""
+    key = name.lower()
+    if key not in ZOO:
+        raise ValueError(f"model must be one of {', '.join(ZOO)}, got {name!r}")
+    h, w = _hw(image_size)
+    cls, fixed = ZOO[key]
+    if key == "mlp":
         return MLP(in_channels * h * w, num_classes, **options)
-    if name == "lenet":
-        if min(h, w) < 4:
-            raise ValueError(f"lenet needs images of at least 4x4, got {h}x{w}")
-        return LeNet(in_channels, num_classes, image_size, **options)
-    raise ValueError(f"model must be 'convnet', 'mlp' or 'lenet', got {name!r}")
+    if key == "lenet" and min(h, w) < 4:
+        raise ValueError(f"lenet needs images of at least 4x4, got {h}x{w}")
+    return cls(in_channels, num_classes, image_size, **{**fixed, **options})
+
+
+def model_name(model) -> str:
+    """A model argument in words: its name, or the callable's qualified name."""
+    if isinstance(model, str):
+        return model
+    return f"{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__name__)}"
+
+
+def build(model, in_channels: int, num_classes: int, image_size, options: dict | None = None) -> nn.Module:
+    """A fresh network from ``model``: a :data:`ZOO` name (with ``options``), or a callable
+    returning a fresh ``nn.Module`` (the user's own architecture; ``options`` must then be empty)."""
+    if isinstance(model, str):
+        return get_model(model, in_channels, num_classes, image_size, **(options or {}))
+    if not callable(model):
+        raise ValueError(f"model must be a model name ({', '.join(ZOO)}) or a callable returning a fresh "
+                         f"nn.Module, got {type(model).__name__}")
+    if options:
+        raise ValueError(f"model_options {sorted(options)} are for named models; a callable builds its own "
+                         f"network ({model_name(model)})")
+    net = model()
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"the model callable {model_name(model)} returned a {type(net).__name__}, "
+                         "not a torch.nn.Module")
+    return net
+
+
+def check_logits(net: nn.Module, x: torch.Tensor, num_classes: int, what) -> None:
+    """Run ``net`` on ``x`` (no grad, RNG untouched) and refuse an output that is not ``[B, num_classes]``."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        out = net(x)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (x.shape[0], num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model {model_name(what)} must map [B, C, H, W] images to logits [B, num_classes] = "
+                         f"[{x.shape[0]}, {num_classes}], got {got}")
+
+
+def embedding_fn(net: nn.Module):
+    """``f(x) -> [B, D]`` features of ``net`` before its classifier: ``net.embed`` where the model has
+    one (the zoo's do), else the input of its last ``nn.Linear`` (captured by a forward pre-hook)."""
+    if callable(getattr(net, "embed", None)):
+        return net.embed
+    last = [m for m in net.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError(f"{type(net).__name__} has no embed() method and no nn.Linear classifier: "
+                         "distribution matching needs the features before the classifier")
+    head = last[-1]
+
+    def embed(x):
+        seen = []
+        handle = head.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        try:
+            net(x)
+        finally:
+            handle.remove()
+        return seen[-1].flatten(1)
+
+    return embed
