@@ -40,7 +40,7 @@ def test_models_take_their_inputs(name, size, channels):
 
 
 def test_get_model_rejects_unknown():
-    with pytest.raises(ValueError, match="model must be 'convnet', 'mlp' or 'lenet'"):
+    with pytest.raises(ValueError, match="model must be one of convnet, convnetbn, mlp, lenet, alexnet"):
         get_model("resnet", 1, 10, 8)
 
 

@@ -28,22 +28,65 @@ def _pool(kind: str) -> nn.Module:
     raise ValueError(f"pooling must be 'avgpooling', 'maxpooling' or 'none', got {kind!r}")
 
 
+def _norm_maps(h: int, w: int, depth: int, pooling) -> list[tuple[int, int]]:
+    """The map size each block's norm layer sees."""
+    sizes = []
+    for _ in range(depth):
+        sizes.append((h, w))
+        if pooling not in ("none", None) and min(h, w) >= 2:
+            h, w = h // 2, w // 2
+    return sizes
+
+
+def default_depth(h: int, w: int, pooling="avgpooling") -> int:
+    """The ConvNet depth for ``h x w`` images: 3, or fewer so that every norm layer sees at least 4x4."""
+    for depth in (3, 2):
+        if min(min(s) for s in _norm_maps(h, w, depth, pooling)) >= 4:
+            return depth
+    return 1
+
+
+def _check_norm_maps(h, w, depth, norm, pooling) -> None:
+    if norm in ("none", None, "batchnorm"):
+        return
+    maps = list(enumerate(_norm_maps(h, w, depth, pooling), 1))
+    for block, (mh, mw) in maps:
+        if mh * mw == 1 and norm == "instancenorm":
+            raise ValueError(f"ConvNet depth {depth} on {h}x{w} images puts block {block}'s instance norm on a 1x1 "
+                             f"map, which maps every feature to its bias; use depth <= {default_depth(h, w, pooling)} "
+                             "(the default for this size) or norm='none' / 'batchnorm'")
+    for block, (mh, mw) in maps:
+        if mh * mw < 8:
+            import warnings
+
+            warnings.warn(f"ConvNet depth {depth} on {h}x{w} images normalizes block {block} over a {mh}x{mw} map "
+                          f"({mh * mw} values per statistic), which discards most of its signal; depth "
+                          f"{default_depth(h, w, pooling)} is the default for this size", stacklevel=3)
+            return
+
+
 class ConvNet(nn.Module):
     """The ConvNet of the dataset-condensation papers (Zhao et al. 2021).
 
     ``depth`` blocks of conv 3x3 (padding 1) -> norm -> ReLU -> pool 2, then a Linear
-    classifier. Defaults: width 128, depth 3, instance norm (GroupNorm(C, C)), average
-    pooling. Input ``[B, in_channels, H, W]``; pooling stops once the map is 1x1, so
-    8x8 digits, 28x28 and 32x32 inputs all work.
+    classifier. Defaults: width 128, instance norm (GroupNorm(C, C)), average pooling, and the
+    depth by image size: 3 (the papers' ConvNet-3) where every norm layer sees a map of at least
+    4x4 (28x28, 32x32 and up), fewer blocks on smaller images (2 on 8x8 digits). A norm layer
+    on a 1x1 map is refused for instance norm (it maps every feature to its bias) and warned
+    about on a 2x2 map (4 values per statistic). Input ``[B, in_channels, H, W]``; pooling stops
+    once the map is 1x1.
     """
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 32, width: int = 128,
-                 depth: int = 3, norm: str = "instancenorm", pooling: str = "avgpooling"):
+                 depth: int | None = None, norm: str = "instancenorm", pooling: str = "avgpooling"):
         super().__init__()
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if depth is None:
+            depth = default_depth(h, w, pooling)
         if min(h, w) < 1 or in_channels < 1 or num_classes < 1 or width < 1 or depth < 1:
             raise ValueError(f"ConvNet needs positive sizes, got in_channels={in_channels}, "
                              f"num_classes={num_classes}, image_size={image_size}, width={width}, depth={depth}")
+        _check_norm_maps(h, w, depth, norm, pooling)
         layers, c = [], in_channels
         for _ in range(depth):
             layers += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width), nn.ReLU(inplace=True)]
