@@ -50,3 +50,35 @@ def cuda_median_seconds(fn, repeat: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) / 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def peak_tensor_bytes(fn) -> tuple[int, object]:
+    """``(peak, result)``: the largest number of bytes held at once by tensor storages that ``fn``
+    allocated while it ran (autograd's saved activations, gradients, temporaries, the result),
+    counted op by op through a dispatch mode: exact and independent of the allocator, unlike RSS.
+    Allocations inside a kernel that never become tensors (oneDNN scratch) are not seen."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import torch
+
+    live: dict = {}  # storage weak ref -> bytes
+    peak = [0]
+
+    class Tracker(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    ref = StorageWeakRef(t.untyped_storage())
+                    if ref not in live:
+                        live[ref] = t.untyped_storage().nbytes()
+            for ref in [r for r in live if r.expired()]:
+                del live[ref]
+            peak[0] = max(peak[0], sum(live.values()))
+            return out
+
+    with Tracker():
+        result = fn()
+    return peak[0], result

@@ -2,7 +2,9 @@
 
 Each group of methods (one workload and consumer) is timed in one fresh process,
 round-robin, so that drifts of this shared machine hit every method alike; each
-method's peak memory (VmHWM above the RSS after set-up) comes from a process of its own. Page faults of large temporaries swing CPU
+method's peak memory comes from a process of its own: VmHWM above the RSS after set-up (what the
+allocator made resident) and the exact peak of bytes held by tensors the call allocated
+(``_report.peak_tensor_bytes``: activations, gradients, temporaries, results). Page faults of large temporaries swing CPU
 timings here by up to 1.5x from run to run, so the table gives the median and the
 minimum; --steady-malloc keeps freed memory in glibc's heap while timing
 (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_), which steadies one-shot calls but
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from _report import STEADY_MALLOC, reset_peak_rss, rss_kb, write_report
+from _report import STEADY_MALLOC, peak_tensor_bytes, reset_peak_rss, rss_kb, write_report
 from workloads import ENGINE, ce, dot_vectors, engine_workload, vmap_consumer, vmap_per_sample
 
 WORKLOADS = ENGINE
@@ -220,7 +222,13 @@ def child(workload, consumer, methods, threads, repeat, what):
         base = rss_kb("VmRSS")
         reset_peak_rss()
         res = fn()
-        print(json.dumps({"peak_mb": (rss_kb("VmHWM") - base) / 1024}))
+        rss = (rss_kb("VmHWM") - base) / 1024
+        del res
+        try:  # the exact figure: bytes of tensors the call holds at once
+            tensors = peak_tensor_bytes(fn)[0] / 2**20
+        except Exception:  # a method a dispatch mode cannot run under
+            tensors = float("nan")
+        print(json.dumps({"peak_mb": rss, "tensor_mb": tensors}))
         return
     times = {m: [] for m in names}
     for _ in range(repeat):
@@ -258,7 +266,8 @@ def run_group(workload, consumer, methods, threads, repeat, steady_malloc=False)
             results[m] = timing
             continue
         memory = _run_child(workload, consumer, m, threads, 1, "memory", env)
-        results[m] = {**timing[m], "peak_mb": memory.get("peak_mb", float("nan"))}
+        results[m] = {**timing[m], "peak_mb": memory.get("peak_mb", float("nan")),
+                      "tensor_mb": memory.get("tensor_mb", float("nan"))}
     return results
 
 
@@ -285,10 +294,10 @@ def main():
         "",
         f"torch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
         f"median and min of {args.repeat} runs ({'steady' if args.steady_malloc else 'default'} malloc); "
-        "peak = extra resident memory during one call.",
+        "peak RSS = extra resident memory during one call; peak tensors = bytes of tensors the call held at once.",
         "",
-        "| workload | consumer | method | median (ms) | min (ms) | vs fastdd (median) | peak (MB) | GB/s written |",
-        "|---|---|---|---|---|---|---|---|",
+        "| workload | consumer | method | median (ms) | min (ms) | vs fastdd (median) | peak RSS (MB) | peak tensors (MB) | GB/s written |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for workload, consumer, methods in PLAN:
@@ -299,12 +308,12 @@ def main():
         for m in methods:
             r = results[m]
             if "error" in r:
-                row = f"| {WORKLOADS[workload]} | {consumer} | {m} | error: {r['error']} | | | | |"
+                row = f"| {WORKLOADS[workload]} | {consumer} | {m} | error: {r['error']} | | | | | |"
             else:
                 ratio = f"{r['median_s'] / base:.2f}x" if base else ""
                 gbs = f"{r['bytes'] / r['median_s'] / 1e9:.2f}" if r.get("bytes") and m in ("fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "roofline", "loop") and consumer == "grads" else ""
                 row = (f"| {WORKLOADS[workload]} | {consumer} | {m} | {1e3 * r['median_s']:.1f} | "
-                       f"{1e3 * r['min_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {gbs} |")
+                       f"{1e3 * r['min_s']:.1f} | {ratio} | {r['peak_mb']:.0f} | {r['tensor_mb']:.1f} | {gbs} |")
             lines.append(row)
             print(row, flush=True)
     write_report(args.out, lines)
