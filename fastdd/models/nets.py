@@ -65,7 +65,18 @@ def _check_norm_maps(h, w, depth, norm, pooling) -> None:
             return
 
 
-class ConvNet(nn.Module):
+class _Classifier(nn.Module):
+    """``features`` (images -> flat features ``[B, feature_dim]``) then a Linear ``classifier``."""
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Flattened features ``[B, feature_dim]`` before the classifier."""
+        return self.features(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+class ConvNet(_Classifier):
     """The ConvNet of the dataset-condensation papers (Zhao et al. 2021).
 
     ``depth`` blocks of conv 3x3 (padding 1) -> norm -> ReLU -> pool 2, then a Linear
@@ -99,14 +110,10 @@ class ConvNet(nn.Module):
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Flattened features ``[B, feature_dim]`` before the classifier."""
-        return self.features(x).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
+        return self.features(x).flatten(1)  # features keep the map (state_dicts of saved models)
 
 
-class MLP(nn.Module):
+class MLP(_Classifier):
     """Fully connected net: flatten -> (Linear -> ReLU) per hidden width -> Linear."""
 
     def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (512, 256)):
@@ -118,14 +125,8 @@ class MLP(nn.Module):
         self.features = nn.Sequential(nn.Flatten(), *layers)
         self.classifier = nn.Linear(dims[-1], num_classes)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.embed(x))
-
-
-class LeNet(nn.Module):
+class LeNet(_Classifier):
     """LeNet-5 style: two conv 5x5 (padding 2) + max-pool blocks, then 120-84-classes."""
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 28):
@@ -137,12 +138,6 @@ class LeNet(nn.Module):
             nn.Linear(16 * (h // 4) * (w // 4), 120), nn.ReLU(inplace=True), nn.Linear(120, 84), nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(84, num_classes)
-
-    def embed(self, x):
-        return self.features(x)
-
-    def forward(self, x):
-        return self.classifier(self.embed(x))
 
 
 def _hw(image_size):
@@ -157,7 +152,7 @@ def _first_padding(h: int, w: int, kernel: int, target: int) -> int:
     return kernel // 2 + (target - min(h, w)) // 2
 
 
-class AlexNet(nn.Module):
+class AlexNet(_Classifier):
     """The dataset-condensation papers' AlexNet for 32x32 inputs (28x28 are padded up to 32 by the
     first conv): five convs 128-192-256-192-192 with ReLU and three max-pools, then a Linear.
     ``norm="batchnorm"`` is their AlexNetBN."""
@@ -179,14 +174,8 @@ class AlexNet(nn.Module):
             self.feature_dim = self.features(torch.zeros(1, in_channels, h, w)).shape[1]
         self.classifier = nn.Linear(self.feature_dim, num_classes)
 
-    def embed(self, x):
-        return self.features(x)
 
-    def forward(self, x):
-        return self.classifier(self.embed(x))
-
-
-class VGG11(nn.Module):
+class VGG11(_Classifier):
     """VGG11 for 32x32 inputs (28x28 padded up by the first conv), with instance norm by default as
     in the dataset-condensation code (``norm="batchnorm"``: their VGG11BN), then a Linear on 512."""
 
@@ -209,12 +198,6 @@ class VGG11(nn.Module):
         self.feature_dim = 512
         self.classifier = nn.Linear(512, num_classes)
 
-    def embed(self, x):
-        return self.features(x)
-
-    def forward(self, x):
-        return self.classifier(self.embed(x))
-
 
 class _BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, norm: str):
@@ -233,7 +216,7 @@ class _BasicBlock(nn.Module):
         return self.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
 
 
-class ResNet18(nn.Module):
+class ResNet18(_Classifier):
     """The CIFAR-style ResNet-18 of the dataset-condensation code: a 3x3 stem at full resolution,
     four stages of two basic blocks (64-128-256-512, stride 2 from the second), global average
     pooling and a Linear; instance norm by default (``norm="batchnorm"``: their ResNet18BN)."""
@@ -252,12 +235,6 @@ class ResNet18(nn.Module):
                                       nn.ReLU(inplace=True), *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feature_dim = 512
         self.classifier = nn.Linear(512, num_classes)
-
-    def embed(self, x):
-        return self.features(x)
-
-    def forward(self, x):
-        return self.classifier(self.embed(x))
 
 
 # name -> (class, fixed options): the reference code's names, BatchNorm variants included
