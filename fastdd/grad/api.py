@@ -143,10 +143,17 @@ def _clip(engine: _Engine, max_norm: float, mean: bool, write_grad: bool, chunk_
     factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)  # 1e-6: Opacus' guard for a zero gradient
     if mean:
         factors = factors / engine.batch_size
-    clipped = engine.weighted_sums(factors, chunk_size)
+    into = {}
+    if write_grad:  # into the .grad the step's backward made, as it comes (no second gradient set)
+        for name, p in engine.selected.items():
+            g = p.grad
+            if g is not None and g.shape == p.shape and g.dtype == p.dtype and g.device == p.device and not g.is_sparse:
+                into[name] = g.detach()
+    clipped = engine.weighted_sums(factors, chunk_size, into=into)
     if write_grad:
         for name, p in engine.selected.items():
-            p.grad = clipped[name]
+            if name not in into:
+                p.grad = clipped[name]
     return clipped
 
 
@@ -297,7 +304,8 @@ class PerSampleGrads:
         per-sample gradient), and where the norms form per-sample gradients anyway (conv and
         norm layers on a CPU, within the chunk budget) a weighted sum of those.
         ``write_grad=True`` also writes it into each parameter's ``.grad`` (replacing what
-        the backward put there), ready for ``optimizer.step()``::
+        the backward put there, in place where it exists: the returned tensors are then the
+        ``.grad`` themselves), ready for ``optimizer.step()``::
 
             with fastdd.PerSampleGrads(model) as ps:
                 opt.zero_grad()

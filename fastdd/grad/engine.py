@@ -658,14 +658,32 @@ class _Engine:
                 out[f] += t
         return out
 
-    def weighted_sums(self, weights: torch.Tensor, chunk_size=None) -> dict[str, torch.Tensor]:
+    def weighted_sums(self, weights: torch.Tensor, chunk_size=None, into: dict | None = None) -> dict[str, torch.Tensor]:
         """``{name: sum_i weights_i * g_i}`` (accumulated in fp32 or float64, in the parameter's
-        dtype), from each source's captured inputs and output gradients."""
+        dtype), from each source's captured inputs and output gradients. ``into``: tensors of the
+        parameters' shapes (their ``.grad``) that receive the result source by source, so no
+        second gradient-sized set exists at once."""
+        into = into or {}
         out = {}
         for src in self._distinct_sources(self.sources):
             for f, t in src.weighted_sums(weights, chunk_size).items():
+                if f in into:  # written as it comes; a tied parameter's uses add up there
+                    if f in out:
+                        into[f].add_(t.to(into[f].dtype))
+                    else:
+                        into[f].copy_(t)
+                    out[f] = into[f]
+                    continue
                 out[f] = t if f not in out else out[f] + t  # several sources: a tied parameter's uses
-        return {n: out[n].to(p.dtype) if n in out else self._zeros(n, ()) for n, p in self.selected.items()}
+        res = {}
+        for n, p in self.selected.items():
+            if n in out:
+                res[n] = out[n] if n in into else out[n].to(p.dtype)
+            elif n in into:
+                res[n] = into[n].zero_()
+            else:
+                res[n] = self._zeros(n, ())
+        return res
 
     def _distinct_sources(self, names):
         """Each source serving any of ``names``, once (a source may serve several parameters)."""
