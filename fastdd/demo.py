@@ -353,6 +353,18 @@ def distillation_section(args, data) -> str:
     return f"[Dataset distillation on digits](distillation.md): best at ipc 1 {best[1]} {100 * best[0]:.1f}%"
 
 
+def latest_measured(out: str, name: str) -> str | None:
+    """The newest ``bench/measured/<run>/<name>`` of a source checkout, as a path relative to
+    ``out`` (None where there is none, as in an installed package)."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "bench", "measured")
+    if not os.path.isdir(root):
+        return None
+    runs = sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, name)))
+    if not runs:
+        return None
+    return os.path.relpath(os.path.join(root, runs[-1], name), os.path.abspath(out))
+
+
 def pruning_section(args, data) -> str:
     """Pruning curves of digits with self-supervised prototype scores; returns the README line."""
     from fastdd.pruning import default_train_fn, prototype_scores, pruning_curve, recommend_keep
@@ -387,6 +399,10 @@ def pruning_section(args, data) -> str:
         f"**{advice.keep}**: {advice.reason}. That boundary is the theory's; `pilot_boundary` measures this "
         "data's own, and the curve above is the measurement that wins where they disagree.",
     ]
+    mnist = latest_measured(args.out, os.path.join("pruning", "README.md"))
+    if mnist:
+        lines += ["", f"On real MNIST (60,000 images): pruning curves with CCS and Moderate, and the phase "
+                      f"transition between keeping easy and hard examples, in [the latest reproduction]({mnist})."]
     with open(os.path.join(args.out, "pruning.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(curve.table())
