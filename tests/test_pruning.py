@@ -436,6 +436,31 @@ def test_training_dynamics_aum_flags_flipped_labels_in_a_training_loop(digits):
     assert torch.isfinite(dyn.scores("forgetting")).all()
 
 
+def test_training_dynamics_tdds_on_a_scripted_sequence():
+    from fastdd.pruning import TrainingDynamics
+
+    # sample 0 never changes; sample 1 changes by the same amount every epoch (no spread);
+    # sample 2 changes once, late: the only one TDDS ranks above zero
+    a, b = [2.0, 0.0], [0.0, 2.0]
+    logits = [[a, a, a], [a, b, a], [a, a, a], [a, b, b]]
+    dyn = TrainingDynamics(3, num_classes=2, tdds_window=3, tdds_decay=0.5)
+    for e, rows in enumerate(logits):
+        dyn.update([0, 1, 2], torch.tensor(rows), torch.tensor([0, 0, 0]), epoch=e)
+    p = [torch.softmax(torch.tensor(rows, dtype=torch.float64), 1) for rows in logits]
+    change = [(p[t] * ((p[t] + 1e-8).log() - (p[t - 1] + 1e-8).log())).abs().sum(1) for t in range(1, 4)]
+    # two windows of 3 epochs (2 changes each), weights 0.5 * 0.5^1 and 0.5 * 0.5^0
+    expected = sum(w * (torch.stack(change[k:k + 2]) - torch.stack(change[k:k + 2]).mean(0)).norm(dim=0)
+                   for k, w in ((0, 0.25), (1, 0.5)))
+    torch.testing.assert_close(dyn.scores("tdds"), expected)
+    assert dyn.scores("tdds")[0] == 0 and dyn.scores("tdds")[1] == 0 and dyn.scores("tdds")[2] > 0
+    short = TrainingDynamics(2, num_classes=2, tdds_window=5)
+    short.update([0, 1], torch.zeros(2, 2), [0, 1], epoch=0)
+    with pytest.raises(ValueError, match="needs at least 5 epochs"):
+        short.scores("tdds")
+    with pytest.raises(ValueError, match="TDDS was not recorded"):
+        TrainingDynamics(2, num_classes=2).tdds()
+
+
 def test_training_dynamics_bad_input():
     from fastdd.pruning import TrainingDynamics
 
@@ -455,6 +480,11 @@ def test_training_dynamics_bad_input():
         dyn.scores("grand")
     with pytest.raises(ValueError, match="num_classes must be at least 2"):
         TrainingDynamics(4, num_classes=1)
+    dyn.update([2], torch.zeros(1, 3), [0], epoch=3)
+    with pytest.raises(ValueError, match="epoch went back from 3 to 1"):
+        dyn.update([3], torch.zeros(1, 3), [0], epoch=1)
+    with pytest.raises(ValueError, match="tdds_window must be at least 2"):
+        TrainingDynamics(4, num_classes=3, tdds_window=1)
 
 
 def test_forgetting_counts_on_a_scripted_sequence():

@@ -153,12 +153,18 @@ class TrainingDynamics:
         keep = select(dynamics.scores("aum"), 0.3, keep="ccs", labels=labels)
 
     ``el2n_epochs``: epochs whose EL2N is kept (default every epoch; the paper reads it early, e.g.
-    the first 10% of training). ``scores(kind)`` is larger-is-harder for every kind (AUM negated).
+    the first 10% of training). ``tdds_window``: also score TDDS (Zhang et al. 2024): per epoch the
+    change of each sample's prediction, ``sum_c |p_t (log p_t - log p_{t-1})|``; per window of
+    ``tdds_window`` epochs the spread of those changes (their deviation from the window's mean,
+    L2), summed over windows with weights ``decay (1 - decay)^(age)`` (recent windows count most):
+    memory one ``[N, C]`` of probabilities and ``[N]`` per epoch. ``scores(kind)`` is larger-is-harder
+    for every kind (AUM negated; TDDS large = informative, kept by ``keep="hard"``).
     """
 
-    KINDS = ("forgetting", "aum", "el2n")
+    KINDS = ("forgetting", "aum", "el2n", "tdds")
 
-    def __init__(self, n_samples: int, num_classes: int, el2n_epochs=None):
+    def __init__(self, n_samples: int, num_classes: int, el2n_epochs=None, tdds_window: int | None = None,
+                 tdds_decay: float = 0.9):
         self.n_samples = check_positive_int(n_samples, "n_samples")
         self.num_classes = check_positive_int(num_classes, "num_classes")
         if num_classes < 2:
@@ -171,10 +177,29 @@ class TrainingDynamics:
         self._el2n_count = torch.zeros(n_samples, dtype=torch.long)
         self._el2n_epoch: dict[int, torch.Tensor] = {}  # epoch -> [N] (NaN where not presented)
         self._epoch = 0
+        self.tdds_window = None if tdds_window is None else check_positive_int(tdds_window, "tdds_window")
+        if self.tdds_window is not None and self.tdds_window < 2:
+            raise ValueError("tdds_window must be at least 2 epochs (a window holds changes between epochs)")
+        if not 0.0 < float(tdds_decay) < 1.0:
+            raise ValueError(f"tdds_decay must be in (0, 1), got {tdds_decay!r}")
+        self.tdds_decay = float(tdds_decay)
+        self._probs = {}  # epoch -> [N, C] probabilities at the epoch's last presentation (the last two kept)
+        self._changes: list[torch.Tensor] = []  # [N] per closed pair of consecutive epochs
 
     def end_epoch(self) -> None:
         """Start the next epoch (for loops that do not pass ``epoch`` to :meth:`update`)."""
-        self._epoch += 1
+        self._set_epoch(self._epoch + 1)
+
+    def _set_epoch(self, epoch: int) -> None:
+        if epoch < self._epoch:
+            raise ValueError(f"epoch went back from {self._epoch} to {epoch}: epochs must not decrease")
+        if epoch != self._epoch and self.tdds_window is not None and self._epoch in self._probs:
+            # close the finished epoch: its change from the one before (skipped epochs count as none)
+            prev = self._probs.get(self._epoch - 1)
+            if prev is not None:
+                self._changes.append(_prediction_change(prev, self._probs[self._epoch]))
+            self._probs = {self._epoch: self._probs[self._epoch]}
+        self._epoch = epoch
 
     def update(self, indices, logits: torch.Tensor, labels, epoch: int | None = None) -> None:
         """Record one presentation of the samples ``indices [b]`` with their ``logits [b, C]``
@@ -190,7 +215,7 @@ class TrainingDynamics:
             raise ValueError(f"labels must lie in [0, {self.num_classes}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
         if epoch is not None:
-            self._epoch = int(epoch)
+            self._set_epoch(int(epoch))
         z = logits.detach().to(torch.float64).cpu()
         self.forgetting.update(indices, z.argmax(1) == labels)  # checks the indices too
         true = z.gather(1, labels.unsqueeze(1)).squeeze(1)
@@ -204,6 +229,10 @@ class TrainingDynamics:
             row[indices] = err
             self._el2n_sum[indices] += err
             self._el2n_count[indices] += 1
+        if self.tdds_window is not None:
+            probs = self._probs.setdefault(self._epoch, torch.full((self.n_samples, self.num_classes), float("nan"),
+                                                                   dtype=torch.float32))
+            probs[indices] = F.softmax(z, dim=1).float()
 
     def aum(self) -> torch.Tensor:
         """``[N]`` area under the margin (low: mislabelled or ambiguous); NaN for samples never seen."""
@@ -221,14 +250,49 @@ class TrainingDynamics:
         out[self._el2n_count == 0] = float("nan")
         return out
 
+    def tdds(self) -> torch.Tensor:
+        """``[N]`` TDDS scores over the epochs seen so far (the current one included)."""
+        if self.tdds_window is None:
+            raise ValueError("TDDS was not recorded: pass tdds_window= (e.g. 10) to TrainingDynamics")
+        changes = list(self._changes)
+        prev, cur = self._probs.get(self._epoch - 1), self._probs.get(self._epoch)
+        if prev is not None and cur is not None:
+            changes.append(_prediction_change(prev, cur))
+        W = self.tdds_window
+        T = len(changes) + 1  # epochs
+        if T < W:
+            raise ValueError(f"TDDS with tdds_window={W} needs at least {W} epochs of consecutive records, "
+                             f"got {T}")
+        D = torch.stack(changes)  # [T - 1, N]
+        score = torch.zeros(self.n_samples, dtype=torch.float64)
+        for k in range(T - W + 1):
+            window = D[k:k + W - 1]
+            spread = (window - window.mean(0)).norm(dim=0)
+            score += spread * self.tdds_decay * (1 - self.tdds_decay) ** (T - W - k)
+        return score
+
     def scores(self, kind: str = "aum") -> torch.Tensor:
-        """``[N]`` larger-is-harder scores for :func:`select`: forgetting counts, ``-aum`` or EL2N."""
+        """``[N]`` larger-is-harder scores for :func:`select`: forgetting counts, ``-aum``, EL2N or TDDS."""
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
         if kind == "forgetting":
             return self.forgetting.scores().double()
+        if kind == "tdds":
+            out = self.tdds()
+            if torch.isnan(out).any():
+                raise ValueError(f"{int(torch.isnan(out).sum())} samples miss a presentation in some epoch: TDDS "
+                                 "compares every epoch with the one before")
+            return out
         unseen = self.presentations == 0
         if unseen.any():
             raise ValueError(f"{int(unseen.sum())} samples were never presented (e.g. index "
                              f"{int(torch.nonzero(unseen)[0])}): their {kind} is undefined")
         return -self.aum() if kind == "aum" else self.el2n()
+
+
+def _prediction_change(prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+    """TDDS's change of prediction between two epochs: ``sum_c |p_t (log p_t - log p_{t-1})|`` per
+    sample (``[N]`` float64; NaN where a sample was not presented in one of them)."""
+    eps = 1e-8
+    cur, prev = cur.double(), prev.double()
+    return (cur * ((cur + eps).log() - (prev + eps).log())).abs().sum(1)
