@@ -144,3 +144,31 @@ def test_norms_materialized_anyway_are_reused_for_the_clipped_sum(monkeypatch):
     monkeypatch.setenv("FASTDD_CHUNK_MB", "0.0001")  # nothing fits: every layer's batch_sum runs
     clipped_grad(model, x, y, 0.5)
     assert rules.ConvRule in calls and rules.GroupNormRule in calls
+
+
+@pytest.mark.parametrize("kind", ["convs", "tied", "tokens"])
+def test_eager_capture_serves_every_consumer_as_the_deferred_one(kind):
+    # eager: conv and norm layers form their per-sample gradients in the backward and drop their
+    # activations and output gradients; every consumer must read the same numbers as deferred
+    model, x, y = _problem(kind)
+    vectors = {n: torch.randn(2, *p.shape, generator=torch.Generator().manual_seed(1))
+               for n, p in model.named_parameters()}
+    results = {}
+    for eager in (False, True):
+        with fastdd.PerSampleGrads(model, eager=eager) as ps:
+            model.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            results[eager] = (ps.grads(), ps.norms(), ps.dots(vectors), ps.clipped_grad(0.5),
+                              ps._engine().class_sums(y, 3))
+            formed = [c for c in ps._capture.calls if c.formed is not None]
+            if eager and kind == "convs":
+                assert formed and all(c.args == () for c in formed)  # activations let go of
+            if not eager:
+                assert not formed
+    (g0, n0, d0, c0, s0), (g1, n1, d1, c1, s1) = results[False], results[True]
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], msg=k)
+        torch.testing.assert_close(c1[k], c0[k], msg=k)
+        torch.testing.assert_close(s1[k], s0[k], msg=k)
+    torch.testing.assert_close(n1, n0)
+    torch.testing.assert_close(d1, d0)

@@ -62,6 +62,7 @@ class _Call:
     out_shapes: list = field(default_factory=list)  # shape of each differentiable output
     input_nodes: set = field(default_factory=set)  # autograd nodes that produced the inputs (fallback modules)
     use_rule: bool = False  # served by the module's hand-written rule (else torch.func)
+    formed: dict | None = None  # per-sample gradients formed in the backward (eager capture), unscaled
 
     @property
     def x(self) -> torch.Tensor:
@@ -127,10 +128,11 @@ def _count_param_uses(roots: Iterable, stop: set, params: dict[int, str]) -> Cou
 class _Capture:
     """Hooks on a model that record module calls and their output gradients."""
 
-    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], grad_hooks: bool):
+    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], grad_hooks: bool, eager: bool = False):
         self.model = model
         self.selected = selected  # full name -> parameter
         self.grad_hooks = grad_hooks  # context mode: collect G with node pre-hooks
+        self.eager = eager and grad_hooks  # form rule layers' per-sample gradients as each G arrives
         self.active = True
         self.calls: list[_Call] = []
         self.root_calls: list[_Call] = []
@@ -224,10 +226,30 @@ class _Capture:
 
     def _grad_catcher(self, call, j, output_nr):
         def hook(grad_outputs):
-            call.grads[j] = grad_outputs[output_nr]
+            g = grad_outputs[output_nr]
+            call.grads[j] = g
             self.backward_seen = True
+            if self.eager and g is not None:
+                self._form(call, g)
 
         return hook
+
+    def _form(self, call: _Call, g: torch.Tensor) -> None:
+        """Eager capture: where the rule forms a layer's per-sample gradients for its norms anyway
+        (conv and norm layers on a CPU) and they fit the chunk budget, form them now, while G is
+        fresh in cache, and let go of the layer's input and G: what a later consumer needs is then
+        those gradients alone, not every layer's activations and output gradients at once."""
+        m = call.module
+        rule = self.rules.get(m)
+        if not call.use_rule or rule is None or m is self.model or call.formed is not None:
+            return
+        x = call.x
+        numel = sum(p.numel() for p in m.parameters(recurse=False))
+        if not rule.norms_materialize(m, x, g) or not _fits(g.shape[0] * numel, g.dtype):
+            return
+        with torch.no_grad():
+            call.formed = rule.materialize(m, x, g)
+        call.args, call.kwargs, call.grads = (), {}, [None]
 
     def _hook(self, module, args, kwargs, output):
         self._record(module, args, kwargs, output)
@@ -285,15 +307,23 @@ class _RuleSource:
     than the rule itself (20 ms of the DC ConvNet's clipped step at 28x28).
     """
 
-    def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor, scale: float = 1.0):
+    def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor | None, scale: float = 1.0):
         self.call, self.rule, self.names, self.g = call, rule, names, g  # names: local -> full
         self.scale = scale
         self._kept = None  # per-sample gradients formed for the norms, for a clipped sum
+        # formed in the backward (eager capture; unscaled): every consumer reads them
+        self.formed = None if call.formed is None else self._pick(call.formed)
 
     def _pick(self, res: dict, factor: float = 1.0) -> dict:
         return {self.names[k]: (v * factor if factor != 1.0 else v) for k, v in res.items() if k in self.names}
 
     def materialize(self, s=slice(None), out=None):
+        if self.formed is not None:
+            res = {}
+            for f, t in self.formed.items():
+                buf = None if out is None else out.get(f)
+                res[f] = torch.mul(t[s], self.scale, out=buf) if buf is not None else t[s] * self.scale
+            return res
         local_out = None if out is None else {k: out[f] for k, f in self.names.items() if f in out}
         res = self._pick(self.rule.materialize(self.call.module, self.call.x[s], self.g[s], out=local_out))
         if self.scale != 1.0:
@@ -308,6 +338,8 @@ class _RuleSource:
         """Squared norms per parameter; with ``keep``, where the rule would form the per-sample
         gradients anyway and they fit the chunk budget, form them once and keep them for
         :meth:`weighted_sums` (a clipped sum then costs a tensordot, not a second backward)."""
+        if self.formed is not None:
+            return {f: acc(t.flatten(1)).square().sum(1) * self.scale ** 2 for f, t in self.formed.items()}
         m, x, g = self.call.module, self.call.x, self.g
         numel = sum(p.numel() for p in m.parameters(recurse=False))
         if keep and self.rule.norms_materialize(m, x, g) and _fits(g.shape[0] * numel, g.dtype):
@@ -316,11 +348,17 @@ class _RuleSource:
         return self._pick(self.rule.sq_norms(m, x, g, chunk_size), self.scale ** 2)
 
     def dots(self, vectors, chunk_size):
+        if self.formed is not None:
+            return self.scale * sum(acc(t.flatten(1)) @ acc(vectors[f].flatten(1)).T
+                                    for f, t in self.formed.items() if f in vectors)
         local = {k: vectors[f] for k, f in self.names.items() if f in vectors}
         res = self.rule.dots(self.call.module, self.call.x, self.g, local, chunk_size)
         return res * self.scale if self.scale != 1.0 else res
 
     def class_sums(self, labels, num_classes, chunk_size):
+        if self.formed is not None:
+            return {f: t.new_zeros((num_classes, *t.shape[1:]), dtype=acc_dtype(t)).index_add_(0, labels, acc(t))
+                    * self.scale for f, t in self.formed.items()}
         res = self.rule.class_sums(self.call.module, self.call.x, self.g, labels, num_classes, chunk_size)
         return self._pick(res, self.scale)
 
@@ -328,6 +366,8 @@ class _RuleSource:
         """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
         batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
+            if self.formed is not None:  # formed in the backward (unscaled)
+                return _weighted(self.formed, weights * self.scale)
             if self._kept is not None:  # formed for the norms (already scaled)
                 return _weighted(self._kept, weights)
             g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
@@ -553,7 +593,7 @@ class _Engine:
                 if call.root_call != idx:
                     continue
                 names = {k: f for k, f in capture.owned.get(call.module, {}).items() if f not in orphans}
-                if not names or all(g is None for g in call.grads):
+                if not names or (call.formed is None and all(g is None for g in call.grads)):
                     continue
                 if call.use_rule:
                     src = _RuleSource(call, capture.rules[call.module], names, call.grads[0], scale)
