@@ -362,16 +362,18 @@ class _RuleSource:
         res = self.rule.class_sums(self.call.module, self.call.x, self.g, labels, num_classes, chunk_size)
         return self._pick(res, self.scale)
 
-    def weighted_sums(self, weights, chunk_size):
+    def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
-        batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient)."""
+        batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient),
+        written into ``into``'s tensors where the rule can."""
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
             if self.formed is not None:  # formed in the backward (unscaled)
                 return _weighted(self.formed, weights * self.scale)
             if self._kept is not None:  # formed for the norms (already scaled)
                 return _weighted(self._kept, weights)
             g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
-            return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size))
+            local = None if not into else {k: into[f] for k, f in self.names.items() if f in into}
+            return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size, out=local))
 
 
 def _fits(numel: int, dtype: torch.dtype) -> bool:
@@ -512,7 +514,7 @@ class _FuncSource:
                 out[name].index_add_(0, labels[s], acc(grad))
         return out
 
-    def weighted_sums(self, weights, chunk_size):
+    def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: from the gradients kept for the norms, else from chunks of
         materialized per-sample gradients (no rule here)."""
         if self._kept is not None:
@@ -706,7 +708,12 @@ class _Engine:
         into = into or {}
         out = {}
         for src in self._distinct_sources(self.sources):
-            for f, t in src.weighted_sums(weights, chunk_size).items():
+            # a source may write straight into a .grad no earlier source has written
+            fresh = {f: t for f, t in into.items() if f not in out}
+            for f, t in src.weighted_sums(weights, chunk_size, into=fresh).items():
+                if f in into and f not in out and t.data_ptr() == into[f].data_ptr():
+                    out[f] = into[f]
+                    continue
                 if f in into:  # written as it comes; a tied parameter's uses add up there
                     if f in out:
                         into[f].add_(t.to(into[f].dtype))
