@@ -213,13 +213,13 @@ def test_ccs_small_stratum_keeps_all_and_passes_its_share_on():
     assert not set(range(95, 100)) & set(select(scores, 0.2, keep="easy").tolist())
 
 
-def test_ccs_default_cutoff_grows_with_the_pruning_rate():
+def test_ccs_cuts_nothing_by_default_and_the_papers_cifar_cut_on_request():
     from fastdd.pruning.selection import ccs_hard_cutoff
 
     assert ccs_hard_cutoff(0.3) == 0.0 and ccs_hard_cutoff(0.9) == pytest.approx(0.3)
     scores = torch.arange(1000, dtype=torch.float64)
-    assert select(scores, 0.7, keep="ccs").max() == 999  # 30% pruned: nothing cut
-    assert select(scores, 0.1, keep="ccs").max() < 700  # 90% pruned: the hardest 30% cut
+    assert select(scores, 0.1, keep="ccs", strata=10).max() >= 900  # coverage reaches the hardest stratum
+    assert select(scores, 0.1, keep="ccs", hard_cutoff=ccs_hard_cutoff(0.9)).max() < 700  # the hardest 30% cut
 
 
 def test_moderate_keeps_the_scores_nearest_the_class_median():

@@ -33,12 +33,10 @@ def _order(scores: torch.Tensor, keep: str, gen: torch.Generator) -> torch.Tenso
 
 
 def ccs_hard_cutoff(pruned: float) -> float:
-    """CCS's default fraction of hardest examples dropped first, by the fraction ``pruned``.
-
-    The CCS paper's CIFAR-10 setting at 90% pruned is 0.3 (its released command line); it drops
-    none at low pruning rates, where the hard examples are what the model needs. Between, this
-    rises linearly from 0 at 50% pruned to 0.3 at 90% (capped there): a stated interpolation, to be
-    tuned on a validation split like the paper's own choice.
+    """The CCS paper's CIFAR-10 choice of the hardest fraction to drop, by the fraction ``pruned``:
+    0.3 at 90% pruned (its released command line), none at low rates, linear between 50% and 90%
+    (a stated interpolation). Pass it as ``select(..., keep="ccs", hard_cutoff=ccs_hard_cutoff(0.9))``
+    for data whose hardest examples are mostly label noise; the default cut is 0 (see ``select``).
     """
     return float(min(0.3, max(0.0, 0.3 * (pruned - 0.5) / 0.4)))
 
@@ -113,8 +111,11 @@ def select(scores, fraction: float, keep: str = "hard", labels=None, seed: int =
             shared among the other classes, with a warning saying so), and every policy
             ranks within each class.
         seed: breaks ties and draws the random subset (and CCS's samples within a bin).
-        hard_cutoff: ``keep="ccs"`` only: the fraction of hardest examples dropped first
-            (default :func:`ccs_hard_cutoff` of the pruned fraction).
+        hard_cutoff: ``keep="ccs"`` only: the fraction of hardest examples dropped first (default
+            0: pure coverage). The paper tunes it per data set; its CIFAR-10 value at 90% pruned
+            (0.3, :func:`ccs_hard_cutoff`) cost 2.1 points on MNIST (60,000 images, EL2N scores,
+            90% pruned: 96.7% against 98.8% without the cut; random 98.2%), where the hardest
+            examples are informative rather than mislabelled.
         strata: ``keep="ccs"`` only: the number of score bins (default 50, the paper's).
     """
     scores = as_tensor(scores, "scores")
@@ -125,7 +126,7 @@ def select(scores, fraction: float, keep: str = "hard", labels=None, seed: int =
     fraction = check_fraction(fraction)
     if keep == "ccs":
         if hard_cutoff is None:
-            hard_cutoff = ccs_hard_cutoff(1.0 - fraction)
+            hard_cutoff = 0.0
         elif check_nonnegative(hard_cutoff, "hard_cutoff") >= 1.0:
             raise ValueError(f"hard_cutoff must be in [0, 1), got {hard_cutoff!r}")
         strata = check_positive_int(strata, "strata")
