@@ -86,3 +86,14 @@ def test_model_callable_bad_input():
         distill(X, y, "dm", ipc=1, model=_NoEmbed, iterations=1, model_options={"width": 8})
     with pytest.raises(ValueError, match="evaluate needs"):
         evaluate(X, y)
+
+
+def test_a_checkpoint_of_another_architecture_under_the_same_name_is_refused(tmp_path):
+    X, y = _blobs()
+    ck = str(tmp_path / "ck.pt")
+    small = lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 2))  # noqa: E731
+    distill(X, y, "dm", ipc=1, model=small, iterations=2, checkpoint=ck)
+    wide = lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 2))  # noqa: E731
+    with pytest.raises(ValueError, match="model"):
+        distill(X, y, "dm", ipc=1, model=wide, iterations=4, checkpoint=ck)
+    assert distill(X, y, "dm", ipc=1, model=small, iterations=4, checkpoint=ck).info["iterations"] == 4

@@ -11,7 +11,7 @@ import torch
 
 from .. import _checkpoint
 from .._validate import as_images, as_labels, check_positive_int
-from ..models import model_name
+from ..models import model_identity
 from .augment import DSA
 from .dc import GradientMatching
 from .dd import MetaLearning
@@ -201,7 +201,8 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model="convnet", iteratio
 
     ``model``: a name of :data:`fastdd.models.ZOO` (``model_options=`` its keywords) or a callable
     returning a fresh ``nn.Module`` mapping images to logits ``[B, num_classes]`` (your own
-    architecture; a checkpoint's identity then holds its qualified name).
+    architecture; a checkpoint's identity then holds its qualified name and a digest of the module
+    tree it builds).
 
     ``X`` must be float32 images (numpy accepted), finite; ``y`` integer labels.
     """
@@ -213,7 +214,9 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model="convnet", iteratio
     iterations = _iterations(iterations, method)
     checkpoint_every = check_positive_int(checkpoint_every, "checkpoint_every")
     check_options(method, options)
-    identity = _checkpoint.fingerprint({"method": method, "ipc": ipc, "model": model_name(model), "seed": seed,
+    num_classes = int(y.max()) + 1
+    identity = _checkpoint.fingerprint({"method": method, "ipc": ipc, "seed": seed,
+                                        "model": model_identity(model, X.shape[1], num_classes, tuple(X.shape[-2:])),
                                         "X": X, "y": y,
                                         "options": _resolved_options(method, options)})
     state = _checkpoint.load(checkpoint, identity)

@@ -270,6 +270,21 @@ def model_name(model) -> str:
     return f"{getattr(model, '__module__', '?')}.{getattr(model, '__qualname__', type(model).__name__)}"
 
 
+def model_identity(model, in_channels: int, num_classes: int, image_size) -> str:
+    """What a checkpoint records of ``model``: a zoo name as it is; for a callable, its qualified name
+    and a digest of the module tree it builds (layer types and sizes), so a resumed run refuses a
+    checkpoint made with another architecture under the same name (two lambdas, an edited class)."""
+    if isinstance(model, str):
+        return model
+    import hashlib
+
+    with torch.random.fork_rng(devices=[]):
+        net = build(model, in_channels, num_classes, image_size)
+    shapes = [(n, tuple(p.shape)) for n, p in net.named_parameters()]
+    digest = hashlib.sha1((repr(net) + repr(shapes)).encode()).hexdigest()[:12]
+    return f"{model_name(model)} [{digest}]"
+
+
 def build(model, in_channels: int, num_classes: int, image_size, options: dict | None = None) -> nn.Module:
     """A fresh network from ``model``: a :data:`ZOO` name (with ``options``), or a callable
     returning a fresh ``nn.Module`` (the user's own architecture; ``options`` must then be empty)."""
