@@ -172,3 +172,17 @@ def test_eager_capture_serves_every_consumer_as_the_deferred_one(kind):
         torch.testing.assert_close(s1[k], s0[k], msg=k)
     torch.testing.assert_close(n1, n0)
     torch.testing.assert_close(d1, d0)
+
+
+def test_eager_capture_refuses_a_second_backward_through_the_same_forward():
+    model, x, y = _problem("convs")
+    with fastdd.PerSampleGrads(model) as ps:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="second backward .* eager=False"):
+            loss.backward()
+    with fastdd.PerSampleGrads(model, eager=False) as ps:  # deferred: the last backward's statistics
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        assert ps.norms().shape == (9,)

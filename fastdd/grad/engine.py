@@ -241,7 +241,12 @@ class _Capture:
         those gradients alone, not every layer's activations and output gradients at once."""
         m = call.module
         rule = self.rules.get(m)
-        if not call.use_rule or rule is None or m is self.model or call.formed is not None:
+        if call.formed is not None:  # a second backward through the same forward: its input is gone
+            raise RuntimeError(
+                f"a second backward reached '{self.module_names.get(m, type(m).__name__)}' through the same "
+                "forward, whose per-sample gradients PerSampleGrads(eager=True) already formed and whose input "
+                "it let go of; use PerSampleGrads(..., eager=False) to read statistics of repeated backwards")
+        if not call.use_rule or rule is None or m is self.model:
             return
         x = call.x
         numel = sum(p.numel() for p in m.parameters(recurse=False))
