@@ -215,6 +215,7 @@ def main():
 
     # ---------------------------------------------------------------- phase transition
     grid = np.zeros((len(args.phase_sizes), len(args.phase_kept)))
+    spread = np.zeros_like(grid)  # std over seeds of the difference
     for i, size in enumerate(args.phase_sizes):
         size = min(size, len(y_all))
         Xs, ys, ps = X_all[:size], y_all[:size], proto[:size]
@@ -228,12 +229,15 @@ def main():
                     accs[policy] = run(key, Xs[idx], ys[idx], seed)
                 diff.append(accs["hard"] - accs["easy"])
             grid[i, j] = 100 * float(np.mean(diff))
+            spread[i, j] = 100 * float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
     lines += ["## The phase transition on MNIST (prototype scores)", "",
-              "Accuracy of keep-hard minus keep-easy (points): positive where keeping the hard examples wins.", "",
+              "Accuracy of keep-hard minus keep-easy (points, mean ± std over seeds): positive where keeping the "
+              "hard examples wins.", "",
               "| initial size | " + " | ".join(f"keep {k:.0%}" for k in args.phase_kept) + " |",
               "|---|" + "---|" * len(args.phase_kept)]
     for i, size in enumerate(args.phase_sizes):
-        lines.append(f"| {size:,} | " + " | ".join(f"{grid[i, j]:+.1f}" for j in range(len(args.phase_kept))) + " |")
+        lines.append(f"| {size:,} | " + " | ".join(f"{grid[i, j]:+.1f} ± {spread[i, j]:.1f}"
+                                                   for j in range(len(args.phase_kept))) + " |")
     lines += ["", "![phase transition](phase.png)", ""]
     _plot_phase(grid, args.phase_sizes, args.phase_kept, os.path.join(args.out_dir, "phase.png"))
     with open(os.path.join(args.out_dir, "README.md"), "w") as f:
