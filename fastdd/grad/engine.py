@@ -246,14 +246,10 @@ class _Capture:
                 f"a second backward reached '{self.module_names.get(m, type(m).__name__)}' through the same "
                 "forward, whose per-sample gradients PerSampleGrads(eager=True) already formed and whose input "
                 "it let go of; use PerSampleGrads(..., eager=False) to read statistics of repeated backwards")
-        if not call.use_rule or rule is None or m is self.model:
-            return
-        x = call.x
-        numel = sum(p.numel() for p in m.parameters(recurse=False))
-        if not rule.norms_materialize(m, x, g) or not _fits(g.shape[0] * numel, g.dtype):
+        if not call.use_rule or rule is None or m is self.model or not _worth_forming(rule, m, call.x, g):
             return
         with torch.no_grad():
-            call.formed = rule.materialize(m, x, g)
+            call.formed = rule.materialize(m, call.x, g)
         call.args, call.kwargs, call.grads = (), {}, [None]
 
     def _hook(self, module, args, kwargs, output):
@@ -315,8 +311,8 @@ class _RuleSource:
     def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor | None, scale: float = 1.0):
         self.call, self.rule, self.names, self.g = call, rule, names, g  # names: local -> full
         self.scale = scale
-        self._kept = None  # per-sample gradients formed for the norms, for a clipped sum
-        # formed in the backward (eager capture; unscaled): every consumer reads them
+        # per-sample gradients (unscaled) formed in the backward (eager capture) or for the norms
+        # (sq_norms with keep): every consumer then reads them
         self.formed = None if call.formed is None else self._pick(call.formed)
 
     def _pick(self, res: dict, factor: float = 1.0) -> dict:
@@ -343,14 +339,12 @@ class _RuleSource:
         """Squared norms per parameter; with ``keep``, where the rule would form the per-sample
         gradients anyway and they fit the chunk budget, form them once and keep them for
         :meth:`weighted_sums` (a clipped sum then costs a tensordot, not a second backward)."""
-        if self.formed is not None:
-            return {f: acc(t.flatten(1)).square().sum(1) * self.scale ** 2 for f, t in self.formed.items()}
-        m, x, g = self.call.module, self.call.x, self.g
-        numel = sum(p.numel() for p in m.parameters(recurse=False))
-        if keep and self.rule.norms_materialize(m, x, g) and _fits(g.shape[0] * numel, g.dtype):
-            self._kept = self.materialize()
-            return {f: acc(t.flatten(1)).square().sum(1) for f, t in self._kept.items()}
-        return self._pick(self.rule.sq_norms(m, x, g, chunk_size), self.scale ** 2)
+        if self.formed is None:  # (formed in the backward, the layer's input is gone)
+            m, x, g = self.call.module, self.call.x, self.g
+            if not (keep and _worth_forming(self.rule, m, x, g)):
+                return self._pick(self.rule.sq_norms(m, x, g, chunk_size), self.scale ** 2)
+            self.formed = self._pick(self.rule.materialize(m, x, g))
+        return {f: acc(t.flatten(1)).square().sum(1) * self.scale ** 2 for f, t in self.formed.items()}
 
     def dots(self, vectors, chunk_size):
         if self.formed is not None:
@@ -372,10 +366,8 @@ class _RuleSource:
         batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient),
         written into ``into``'s tensors where the rule can."""
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
-            if self.formed is not None:  # formed in the backward (unscaled)
+            if self.formed is not None:  # formed in the backward or for the norms (unscaled)
                 return _weighted(self.formed, weights * self.scale)
-            if self._kept is not None:  # formed for the norms (already scaled)
-                return _weighted(self._kept, weights)
             g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
             local = None if not into else {k: into[f] for k, f in self.names.items() if f in into}
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size, out=local))
@@ -384,6 +376,13 @@ class _RuleSource:
 def _fits(numel: int, dtype: torch.dtype) -> bool:
     """Whether ``numel`` values of ``dtype`` fit the chunk budget (per-sample gradients worth keeping)."""
     return numel * dtype.itemsize <= budget_bytes()
+
+
+def _worth_forming(rule: Rule, m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether a rule layer's per-sample gradients are worth forming and holding: its norms form
+    them anyway and the whole batch's fit the chunk budget."""
+    numel = sum(p.numel() for p in m.parameters(recurse=False))
+    return rule.norms_materialize(m, x, g) and _fits(g.shape[0] * numel, g.dtype)
 
 
 def _weighted(grads: dict, weights: torch.Tensor) -> dict:
@@ -716,17 +715,14 @@ class _Engine:
             # a source may write straight into a .grad no earlier source has written
             fresh = {f: t for f, t in into.items() if f not in out}
             for f, t in src.weighted_sums(weights, chunk_size, into=fresh).items():
-                if f in into and f not in out and t.data_ptr() == into[f].data_ptr():
-                    out[f] = into[f]
+                if f not in into:
+                    out[f] = t if f not in out else out[f] + t  # several sources: a tied parameter's uses
                     continue
-                if f in into:  # written as it comes; a tied parameter's uses add up there
-                    if f in out:
-                        into[f].add_(t.to(into[f].dtype))
-                    else:
-                        into[f].copy_(t)
-                    out[f] = into[f]
-                    continue
-                out[f] = t if f not in out else out[f] + t  # several sources: a tied parameter's uses
+                if f in out:  # a tied parameter's uses add up in its .grad
+                    into[f].add_(t.to(into[f].dtype))
+                elif t.data_ptr() != into[f].data_ptr():  # (else the source wrote it there)
+                    into[f].copy_(t)
+                out[f] = into[f]
         res = {}
         for n, p in self.selected.items():
             if n in out:

@@ -406,18 +406,14 @@ class GroupNormRule(_GroupStatsRule):
     def groups(self, m):
         return m.num_groups
 
-    def x_hat(self, m, x):
-        return F.group_norm(x, m.num_groups, None, None, m.eps)
-
 
 class InstanceNormRule(_GroupStatsRule):
     def groups(self, m):
         use_input_stats = m.training or not m.track_running_stats
         return m.num_features if use_input_stats else None  # running statistics: x_hat from them
 
-    def x_hat(self, m, x):
-        use_input_stats = m.training or not m.track_running_stats
-        return F.instance_norm(x, m.running_mean, m.running_var, None, None, use_input_stats, 0.0, m.eps)
+    def x_hat(self, m, x):  # only with running statistics: groups() serves the rest
+        return F.instance_norm(x, m.running_mean, m.running_var, None, None, False, 0.0, m.eps)
 
 
 class BatchNormEvalRule(_AffineNormRule):

@@ -222,17 +222,18 @@ class TrainingDynamics:
         other = z.scatter(1, labels.unsqueeze(1), float("-inf")).amax(1)
         self.margin_sum[indices] += true - other
         self.presentations[indices] += 1
+        probs = F.softmax(z, dim=1)
         if self.el2n_epochs is None or self._epoch in self.el2n_epochs:
-            err = (F.softmax(z, dim=1) - F.one_hot(labels, self.num_classes).to(z.dtype)).norm(dim=1)
+            err = (probs - F.one_hot(labels, self.num_classes).to(z.dtype)).norm(dim=1)
             row = self._el2n_epoch.setdefault(self._epoch, torch.full((self.n_samples,), float("nan"),
                                                                       dtype=torch.float64))
             row[indices] = err
             self._el2n_sum[indices] += err
             self._el2n_count[indices] += 1
         if self.tdds_window is not None:
-            probs = self._probs.setdefault(self._epoch, torch.full((self.n_samples, self.num_classes), float("nan"),
-                                                                   dtype=torch.float32))
-            probs[indices] = F.softmax(z, dim=1).float()
+            epoch_probs = self._probs.setdefault(self._epoch, torch.full((self.n_samples, self.num_classes),
+                                                                         float("nan"), dtype=torch.float32))
+            epoch_probs[indices] = probs.float()
 
     def aum(self) -> torch.Tensor:
         """``[N]`` area under the margin (low: mislabelled or ambiguous); NaN for samples never seen."""
