@@ -38,19 +38,19 @@ class Normalization:
     mean: list
     std: list
 
-    def _shape(self, X):
-        return (1, -1) + (1,) * (X.dim() - 2)
+    def _stats(self, X):
+        """``(mean, std)`` shaped to broadcast over ``X [N, C, ...]``, in its dtype and device."""
+        shape = (1, -1) + (1,) * (X.dim() - 2)
+        return tuple(torch.tensor(v, dtype=X.dtype, device=X.device).view(shape) for v in (self.mean, self.std))
 
     def to_pixels(self, X: torch.Tensor) -> torch.Tensor:
         """``X [N, C, H, W]`` standardized -> [0, 1] pixels (clipped)."""
-        mean = torch.tensor(self.mean, dtype=X.dtype, device=X.device).view(self._shape(X))
-        std = torch.tensor(self.std, dtype=X.dtype, device=X.device).view(self._shape(X))
+        mean, std = self._stats(X)
         return (X * std + mean).clamp(0, 1)
 
     def from_pixels(self, X: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels -> the standardized space."""
-        mean = torch.tensor(self.mean, dtype=X.dtype, device=X.device).view(self._shape(X))
-        std = torch.tensor(self.std, dtype=X.dtype, device=X.device).view(self._shape(X))
+        mean, std = self._stats(X)
         return (X - mean) / std
 
     def as_dict(self) -> dict:

@@ -6,6 +6,11 @@ import torch
 from torch import nn
 
 
+def _hw(image_size) -> tuple[int, int]:
+    """``(H, W)`` of an ``image_size`` given as ``H = W`` or ``(H, W)``."""
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
 def _norm(kind: str, channels: int) -> nn.Module:
     if kind == "instancenorm":  # DC's instance norm: GroupNorm with one channel per group
         return nn.GroupNorm(channels, channels, affine=True)
@@ -91,7 +96,7 @@ class ConvNet(_Classifier):
     def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 32, width: int = 128,
                  depth: int | None = None, norm: str = "instancenorm", pooling: str = "avgpooling"):
         super().__init__()
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        h, w = _hw(image_size)
         if depth is None:
             depth = default_depth(h, w, pooling)
         if min(h, w) < 1 or in_channels < 1 or num_classes < 1 or width < 1 or depth < 1:
@@ -131,17 +136,13 @@ class LeNet(_Classifier):
 
     def __init__(self, in_channels: int, num_classes: int, image_size: int | tuple = 28):
         super().__init__()
-        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        h, w = _hw(image_size)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(16 * (h // 4) * (w // 4), 120), nn.ReLU(inplace=True), nn.Linear(120, 84), nn.ReLU(inplace=True),
         )
         self.classifier = nn.Linear(84, num_classes)
-
-
-def _hw(image_size):
-    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
 
 
 def _first_padding(h: int, w: int, kernel: int, target: int) -> int:
