@@ -201,6 +201,76 @@ def per_sample_grad_dots(model: nn.Module, inputs, targets: torch.Tensor, vector
     return engine.dots(vectors, chunk_size)
 
 
+_PROJECTORS: dict = {}  # the last few projectors by layout: their generated matrices are reused
+
+
+def projector_for(model: nn.Module, selected: dict, dim, kind: str = "factorized", seed=0):
+    """The :class:`~fastdd.grad.projection.Projector` of ``selected`` parameters (validated
+    arguments; the same object for the same layout, kind, dim and seed, so matrices it generated
+    are reused across calls)."""
+    from .projection import KINDS, Projector
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
+        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    numel = sum(p.numel() for p in selected.values())
+    if kind == "jl" and dim >= numel:
+        raise ValueError(f"dim={dim} is not smaller than the gradient's size ({numel} parameters): a JL projection "
+                         "would only add noise and cost; use per_sample_grads and flatten them")
+    layout = tuple((n, tuple(p.shape), type(m).__name__) for n, p, m in _owners(model, selected))
+    key = (layout, int(dim), kind, int(seed))
+    proj = _PROJECTORS.get(key)
+    if proj is None:
+        proj = Projector(model, selected, int(dim), kind, int(seed))
+        if len(_PROJECTORS) >= 4:
+            _PROJECTORS.pop(next(iter(_PROJECTORS)))
+        _PROJECTORS[key] = proj
+    return proj
+
+
+def _owners(model, selected):
+    ids = {id(p): n for n, p in selected.items()}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            if id(p) in ids:
+                yield ids[id(p)], p, m
+
+
+def per_sample_grad_projections(model: nn.Module, inputs, targets: torch.Tensor, dim: int,
+                                kind: str = "factorized", seed: int = 0, loss_fn: LossFn | None = None,
+                                params: Iterable[str] | None = None, chunk_size: int | None = None) -> torch.Tensor:
+    """Random projections ``[B, dim]`` of each sample's gradient (fp32; float64 models: float64).
+
+    ``kind="factorized"`` (LoGra): per Linear/Conv layer ``(G_i P_G)^T (A_i P_A)``, never a
+    per-sample gradient; ``kind="jl"`` (TRAK): one dense Rademacher matrix over the whole
+    flattened gradient, ``B x P x dim`` flops (small models, GPUs). Matrices come from a
+    counter-based hash of ``seed``: the same on every backend and for every model of the
+    same architecture; ``<proj_i, proj_j>`` estimates ``g_i . g_j`` without bias, with error
+    falling like ``1/sqrt(dim)``. Other arguments as in :func:`per_sample_grads`.
+
+    >>> model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 3))
+    >>> per_sample_grad_projections(model, torch.randn(8, 20), torch.randint(0, 3, (8,)), dim=64).shape
+    torch.Size([8, 64])
+    """
+    engine = _capture_backward(model, inputs, targets, loss_fn, params)
+    proj = projector_for(model, engine.selected, dim, kind, seed)
+    return _checked_projections(engine, proj, chunk_size)
+
+
+def _checked_projections(engine: _Engine, proj, chunk_size) -> torch.Tensor:
+    out = engine.projections(proj, chunk_size)
+    bad = ~torch.isfinite(out)
+    if bad.any():
+        col = int(torch.nonzero(bad)[0, 1])
+        unit = next(u for u in proj.units if u.offset <= col < u.offset + u.dim)
+        raise ValueError(f"projected gradients are not finite (first at sample {int(torch.nonzero(bad)[0, 0])}), "
+                         f"in the block of parameters {unit.names}: check the loss and that layer's inputs")
+    return out
+
+
 def classwise_grads(model: nn.Module, inputs, targets: torch.Tensor, num_classes: int,
                     loss_fn: LossFn | None = None, params: Iterable[str] | None = None,
                     labels: torch.Tensor | None = None, chunk_size: int | None = None) -> dict[str, torch.Tensor]:
@@ -301,6 +371,13 @@ class PerSampleGrads:
         """``[B, K]`` dots of the last step's per-sample gradients with ``vectors``."""
         _check_vectors(self.model, vectors)
         return self._engine().dots(vectors, self.chunk_size)
+
+    def projections(self, dim: int, kind: str = "factorized", seed: int = 0) -> torch.Tensor:
+        """``[B, dim]`` random projections of the last step's per-sample gradients (see
+        :func:`per_sample_grad_projections`): a gradient store filled from the training loop."""
+        engine = self._engine()
+        return _checked_projections(engine, projector_for(self.model, engine.selected, dim, kind, seed),
+                                    self.chunk_size)
 
     def clipped_grad(self, max_norm: float, write_grad: bool = False) -> dict[str, torch.Tensor]:
         """The last step's gradient with each sample's gradient clipped to ``max_norm``.

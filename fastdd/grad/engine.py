@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._chunking import budget_bytes, chunks, rows_per_chunk
 from . import buffers
 from .per_sample_linear import acc, acc_dtype
-from .rules import Rule, rule_for, uses_batch_statistics
+from .rules import Rule, _sample_chunks, rule_for, uses_batch_statistics
 
 
 # --------------------------------------------------------------------------- capture
@@ -361,6 +361,20 @@ class _RuleSource:
         res = self.rule.class_sums(self.call.module, self.call.x, self.g, labels, num_classes, chunk_size)
         return self._pick(res, self.scale)
 
+    def project(self, proj, out, chunk_size):
+        """Add this source's projected per-sample gradients to ``out [B, dim]`` (``proj``: a
+        :class:`~fastdd.grad.projection.Projector`): from the captured input and output gradient
+        where the projection has a layer path, else from chunks of materialized gradients."""
+        if self.formed is not None:
+            proj.project_grads({f: t * self.scale for f, t in self.formed.items()}, out)
+            return
+        if proj.project_layer(self.call.module, self.names, self.call.x, self.g, out, self.scale):
+            return
+        m = self.call.module
+        for s in _sample_chunks(m, self.call.x, chunk_size):
+            grads = self._pick(self.rule.materialize(m, self.call.x[s], self.g[s]), self.scale)
+            proj.project_grads(grads, out[s])
+
     def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
         batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient),
@@ -517,6 +531,11 @@ class _FuncSource:
                     out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=acc_dtype(grad))
                 out[name].index_add_(0, labels[s], acc(grad))
         return out
+
+    def project(self, proj, out, chunk_size):
+        """Add projections of chunks of materialized per-sample gradients to ``out [B, dim]``."""
+        for s in self._chunks(chunk_size):
+            proj.project_grads(self.materialize(s), out[s])
 
     def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: from the gradients kept for the norms, else from chunks of
@@ -696,6 +715,15 @@ class _Engine:
         for src in self._distinct_sources(vectors):
             total += src.dots(vectors, chunk_size)
         return total
+
+    def projections(self, proj, chunk_size=None) -> torch.Tensor:
+        """``[B, dim]`` projected per-sample gradients (``proj``: a Projector of the selected
+        parameters), in the accumulation dtype; tied parameters' uses add up (projections are linear)."""
+        device = next(iter(self.selected.values())).device
+        out = torch.zeros(self.batch_size, proj.dim, dtype=self.acc, device=device)
+        for src in self._distinct_sources(self.sources):
+            src.project(proj, out, chunk_size)
+        return out
 
     def class_sums(self, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
         out = {n: self._zeros(n, (num_classes,), self.acc) for n in self.selected}
