@@ -22,9 +22,13 @@ from ..grad.engine import refuse_batch_statistics
 from ..distributed import all_gather_rows, shard
 from ..grad import per_sample_grad_dots, per_sample_grads
 from ._params import FlatParams
+from . import ekfac
 from .block_cg import SolveInfo, block_cg
+from .ekfac import FISHERS
 
 SOLVERS = ("direct", "cg", "lissa")
+HESSIANS = ("exact", "gauss-newton", "kfac", "ekfac")
+
 
 
 def _ce(outputs, targets):
@@ -43,8 +47,16 @@ class InfluenceFunction:
             ``damping=wd`` to include it exactly.
         solver: ``"direct"`` (explicit H, Cholesky; small models), ``"cg"`` (block CG over all
             test vectors at once), ``"lissa"`` (the LiSSA recursion, scale from power iteration).
-        hessian: ``"exact"`` (forward-over-reverse HVPs) or ``"gauss-newton"`` (J^T H_out J,
-            positive semi-definite for convex losses).
+        hessian: ``"exact"`` (forward-over-reverse HVPs), ``"gauss-newton"`` (J^T H_out J,
+            positive semi-definite for convex losses), or ``"kfac"`` / ``"ekfac"``: block-diagonal
+            Kronecker-factored Fisher per Linear / Conv2d layer (``fastdd.valuation.ekfac``), for
+            models far beyond what exact HVPs afford; ``solver`` is then unused (the inverse is
+            applied in the eigenbasis) and ``damping=None`` means 0.1 x each layer's mean
+            eigenvalue. Parameters of other layers are left out of the scores with a warning
+            naming them (``strict=True`` refuses instead).
+        fisher: for kfac/ekfac, the output gradients: ``"sampled"`` (labels drawn from the model's
+            softmax, cross-entropy only), ``"ggn"`` (exact expectation: one backward per output
+            dimension through the root of the loss's output Hessian) or ``"empirical"`` (true labels).
         params: names of the parameters to differentiate (default all trainable).
         batch_size: training samples per batch when streaming H and training gradients.
         tol, max_iter: solver stopping rule (relative residual for CG, relative change for LiSSA).
@@ -57,11 +69,17 @@ class InfluenceFunction:
     def __init__(self, model: nn.Module, loss_fn: Callable | None = None, damping: float | None = None,
                  solver: str = "cg", hessian: str = "exact", params=None, batch_size: int = 512,
                  tol: float = 1e-6, max_iter: int | None = None, preconditioner: str | None = None,
-                 lissa_scale: float | None = None, test_chunk: int = 64, seed: int = 0):
+                 lissa_scale: float | None = None, test_chunk: int = 64, seed: int = 0, fisher: str = "sampled",
+                 strict: bool = False, progress: bool = False):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-        if hessian not in ("exact", "gauss-newton"):
-            raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
+        if hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {HESSIANS}, got {hessian!r}")
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if hessian in ("kfac", "ekfac") and fisher == "sampled" and loss_fn is not None:
+            raise ValueError("fisher='sampled' draws labels for the default cross-entropy; with your own loss_fn "
+                             "use fisher='ggn' (exact expectation) or fisher='empirical'")
         if damping is not None and damping < 0:
             raise ValueError(f"damping must be non-negative, got {damping}")
         if preconditioner not in (None, "jacobi"):
@@ -73,6 +91,8 @@ class InfluenceFunction:
         self.batch_size, self.tol, self.max_iter = batch_size, tol, max_iter
         self.preconditioner, self.lissa_scale, self.test_chunk = preconditioner, lissa_scale, test_chunk
         self.seed = seed
+        self.fisher, self.strict, self.progress = fisher, strict, progress
+        self.factors = None
         self.data = None
         self.H = None
         self.info: list[SolveInfo] = []
@@ -109,6 +129,9 @@ class InfluenceFunction:
                                      f"got {yb.dtype} in [{yb.min().item()}, {yb.max().item()}]")
         theta = self.flat.vector()
         self.dtype, self.device = theta.dtype, theta.device
+        if self.hessian in ("kfac", "ekfac"):
+            self._fit_kronecker()
+            return self
         if self.damping_arg is None:
             self.lambda_max = self._power_iteration()
             self.damping = 1e-3 * max(self.lambda_max, 0.0)
@@ -117,6 +140,57 @@ class InfluenceFunction:
         if self.solver == "direct":
             self.H = self._explicit_hessian()
         return self
+
+    def _fit_kronecker(self):
+        """Restrict the parameters to Linear/Conv2d layers (warn or refuse about the rest) and fit
+        their K-FAC / EK-FAC factors over all training batches."""
+        names = {id(p): n for n, p in self.flat.named.items()}
+        modules, left_out = {}, []
+        for mname, m in self.model.named_modules():
+            own = [names[id(p)] for p in m.parameters(recurse=False) if id(p) in names]
+            if not own:
+                continue
+            if ekfac.supported(m):
+                modules[mname] = m
+            else:
+                left_out.append(f"'{mname}' ({type(m).__name__}: {', '.join(own)})")
+        if left_out:
+            msg = (f"{self.hessian.upper()} supports Linear and Conv2d (one group) layers; "
+                   f"{len(left_out)} other layer(s) hold selected parameters: {'; '.join(left_out[:6])}")
+            if self.strict or not modules:
+                raise ValueError(msg + ("" if modules else "; no supported layer is left") +
+                                 ("; select supported parameters with params=[...]" if modules else ""))
+            warnings.warn(msg + "; their parameters are left out of the scores (strict=True refuses)", stacklevel=3)
+        kept = [n for mname, m in modules.items() for n, p in self.model.named_parameters()
+                if any(p is q for q in m.parameters(recurse=False)) and n in self.flat.named]
+        self.flat = FlatParams(self.model, [n for n in self.flat.names if n in set(kept)])
+        self.factors = ekfac.fit_factors(self.model, self.data, self.loss_fn, modules, self.fisher,
+                                         correct=self.hessian == "ekfac", damping=self.damping_arg,
+                                         seed=self.seed, dtype=self.dtype, progress=self.progress)
+        self.damping = self.damping_arg
+        offsets, o = {}, 0
+        for n, size in zip(self.flat.names, self.flat.sizes):
+            offsets[n] = (o, o + size)
+            o += size
+        self._offsets = offsets
+
+    def _kronecker_solve(self, V: torch.Tensor) -> torch.Tensor:
+        """The block-diagonal K-FAC / EK-FAC inverse applied to ``V [P, K]``."""
+        X = torch.empty_like(V)
+        K = V.shape[1]
+        for f in self.factors:
+            w0, w1 = self._offsets[f.weight]
+            p = f.Q_G.shape[0]
+            W = V[w0:w1].T.reshape(K, p, -1).to(f.Q_A.dtype)
+            if f.bias is not None:
+                b0, b1 = self._offsets[f.bias]
+                W = torch.cat([W, V[b0:b1].T.unsqueeze(2).to(W.dtype)], 2)
+            R = f.inverse_product(W)
+            if f.bias is not None:
+                X[b0:b1] = R[:, :, -1].T.to(X.dtype)
+                R = R[:, :, :-1]
+            X[w0:w1] = R.reshape(K, -1).T.to(X.dtype)
+        return X
 
     def _check_fitted(self):
         if self.data is None:
@@ -220,6 +294,10 @@ class InfluenceFunction:
     def solve(self, V: torch.Tensor) -> torch.Tensor:
         """``(H + damping I)^-1 V`` for ``V [P, K]`` with the chosen solver; records ``self.info``."""
         self._check_fitted()
+        if self.factors is not None:
+            X = self._kronecker_solve(V)
+            self.info.append(SolveInfo(0, torch.full((V.shape[1],), float("nan")), True, self.hessian))
+            return X
         if self.solver == "direct":
             if self.H is None:
                 self.H = self._explicit_hessian()
@@ -267,22 +345,26 @@ class InfluenceFunction:
         return X
 
     # ------------------------------------------------------------------ scores
-    def _gradients(self, X, y, name: str) -> torch.Tensor:
-        """Per-sample loss gradients as ``[n, P]`` (materialized: test points, or a chunk)."""
-        g = per_sample_grads(self.model, X, y, loss_fn=self.loss_fn, params=self.flat.names)
+    def _gradients(self, X, y, name: str, fn=None) -> torch.Tensor:
+        """Per-sample gradients of ``fn`` (default: the loss) as ``[n, P]`` (materialized: test
+        points, or a chunk)."""
+        g = per_sample_grads(self.model, X, y, loss_fn=fn or self.loss_fn, params=self.flat.names)
         flat = self.flat.flatten(g, lead=1).to(self.dtype)
         bad = ~torch.isfinite(flat).all(1)
         if bad.any():
             raise ValueError(f"{name} gradients contain NaN or inf for rows {torch.nonzero(bad).flatten()[:5].tolist()}")
         return flat
 
-    def scores(self, X_test, y_test) -> torch.Tensor:
+    def scores(self, X_test, y_test, test_fn: Callable | None = None) -> torch.Tensor:
         """``I_up,loss`` of every training point on every test point: ``[n_train, n_test]``.
 
         Positive: upweighting the training point raises that test loss (harmful);
         removing it changes the test loss by about ``-score / n_train``. Training
         gradients enter only through dots with the solved vectors (never ``n_train x P``).
         Under a ``torch.distributed`` group the training batches are split across ranks.
+        ``test_fn(outputs, targets) -> [B]`` replaces the test loss by another output (e.g.
+        ``fastdd.valuation.margin_fn``, as the linear datamodeling score measures): the score is
+        then ``-grad f(z_test)^T H^-1 grad L(z)``, positive where upweighting z *raises* f.
         """
         self._check_fitted()
         X_test, y_test = as_tensor(X_test, "X_test"), as_tensor(y_test, "y_test")
@@ -294,7 +376,7 @@ class InfluenceFunction:
             check_finite(X_test, "X_test")
         out = []
         for s in range(0, len(X_test), self.test_chunk):
-            G_test = self._gradients(X_test[s:s + self.test_chunk], y_test[s:s + self.test_chunk], "test")
+            G_test = self._gradients(X_test[s:s + self.test_chunk], y_test[s:s + self.test_chunk], "test", test_fn)
             S = self.solve(G_test.T)  # [P, k]
             vectors = {n: v.to(self.flat.named[n].dtype) for n, v in self.flat.unflatten(S.T).items()}
             mine = self.data[shard(len(self.data))]  # this rank's training batches (all without a group)
