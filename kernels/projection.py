@@ -42,6 +42,14 @@ def _signs(key, o_r, o_c):
 
 
 @triton.jit
+def _side(key, o_r, o_c, IDENTITY: tl.constexpr):
+    """A block of one side's projection: the identity, or its sign matrix."""
+    if IDENTITY:
+        return tl.where(o_r[:, None] == o_c[None, :], 1.0, 0.0)
+    return _signs(key, o_r, o_c)
+
+
+@triton.jit
 def jl_linear_kernel(
     a_ptr,  # A [B, T, d], any strides
     g_ptr,  # G [B, T, p], any strides
@@ -94,13 +102,13 @@ def factorized_linear_kernel(
     g_ptr,  # G [B, T, p], any strides
     out_ptr,  # out [B, dim] fp32, contiguous
     key_a, key_g,  # 32-bit keys of P_A [d + HAS_BIAS, k_a] and P_G [p, k_g], as signed int32
-    T, d, p, k_a, k_g, dim, inv_sqrt_dim,
+    T, d, p, k_a, k_g, dim, scale,
     s_ab, s_at, s_ad, s_gb, s_gt, s_gp,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ID_A: tl.constexpr, ID_G: tl.constexpr,  # ID_*: that side is the identity
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_KA: tl.constexpr, BLOCK_KG: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """out[b, i k_a + j] = sum_t (G_b P_G)[t, i] ((A_b [1]) P_A)[t, j] / sqrt(dim), for i k_a + j < dim."""
+    """out[b, i k_a + j] = scale * sum_t (G_b P_G)[t, i] ((A_b [1]) P_A)[t, j], for i k_a + j < dim."""
     i_b, i_g, i_a = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     ukey_a = key_a.to(tl.uint32, bitcast=True)
     ukey_g = key_g.to(tl.uint32, bitcast=True)
@@ -115,20 +123,20 @@ def factorized_linear_kernel(
             o_d = d0 + tl.arange(0, BLOCK_D)
             b_a = tl.load(a_ptr + i_b * s_ab + o_t[:, None] * s_at + o_d[None, :] * s_ad,
                           mask=m_t[:, None] & (o_d < d)[None, :], other=0.0).to(tl.float32)
-            b_ap = tl.dot(b_a, _signs(ukey_a, o_d, o_ka), b_ap, input_precision=PRECISION)
+            b_ap = tl.dot(b_a, _side(ukey_a, o_d, o_ka, ID_A), b_ap, input_precision=PRECISION)
         if HAS_BIAS:  # the bias is input column d, a column of ones
-            b_one = _signs(ukey_a, d + tl.arange(0, 1), o_ka)  # [1, BLOCK_KA]
+            b_one = _side(ukey_a, d + tl.arange(0, 1), o_ka, ID_A)  # [1, BLOCK_KA]
             b_ap += tl.where(m_t[:, None], b_one, 0.0)
         b_gp = tl.zeros((BLOCK_T, BLOCK_KG), dtype=tl.float32)
         for q0 in range(0, p, BLOCK_D):
             o_q = q0 + tl.arange(0, BLOCK_D)
             b_g = tl.load(g_ptr + i_b * s_gb + o_t[:, None] * s_gt + o_q[None, :] * s_gp,
                           mask=m_t[:, None] & (o_q < p)[None, :], other=0.0).to(tl.float32)
-            b_gp = tl.dot(b_g, _signs(ukey_g, o_q, o_kg), b_gp, input_precision=PRECISION)
+            b_gp = tl.dot(b_g, _side(ukey_g, o_q, o_kg, ID_G), b_gp, input_precision=PRECISION)
         acc = tl.dot(tl.trans(b_gp), b_ap, acc, input_precision=PRECISION)
     cols = o_kg[:, None] * k_a + o_ka[None, :]
     m = (o_kg < k_g)[:, None] & (o_ka < k_a)[None, :] & (cols < dim)
-    tl.store(out_ptr + i_b * dim + cols, acc * inv_sqrt_dim, mask=m)
+    tl.store(out_ptr + i_b * dim + cols, acc * scale, mask=m)
 
 
 def _signed32(key: int) -> int:
@@ -155,7 +163,8 @@ def jl_linear_fwd(A: torch.Tensor, G: torch.Tensor, key: int, row_w: int, row_b:
 
 
 def factorized_linear_fwd(A: torch.Tensor, G: torch.Tensor, key_a: int, key_g: int, k_a: int, k_g: int, dim: int,
-                          has_bias: bool) -> torch.Tensor:
+                          has_bias: bool, scale: float | None = None, id_a: bool = False,
+                          id_g: bool = False) -> torch.Tensor:
     """Launch ``factorized_linear_kernel``: A ``[B, T, d]``, G ``[B, T, p]`` -> fp32 ``[B, dim]``."""
     B, T, d = A.shape
     p = G.shape[2]
@@ -164,6 +173,6 @@ def factorized_linear_fwd(A: torch.Tensor, G: torch.Tensor, key_a: int, key_g: i
     cfg = dict(BLOCK_T=16 if INTERPRET else 32, BLOCK_D=16 if INTERPRET else 64, BLOCK_KA=block_k, BLOCK_KG=block_k)
     grid = (B, triton.cdiv(k_g, block_k), triton.cdiv(k_a, block_k))
     factorized_linear_kernel[grid](A, G, out, _signed32(key_a), _signed32(key_g), T, d, p, k_a, k_g, dim,
-                                   1.0 / math.sqrt(dim), *A.stride(), *G.stride(), HAS_BIAS=has_bias,
-                                   PRECISION=_precision(A), **cfg)
+                                   1.0 / math.sqrt(dim) if scale is None else scale, *A.stride(), *G.stride(),
+                                   HAS_BIAS=has_bias, ID_A=id_a, ID_G=id_g, PRECISION=_precision(A), **cfg)
     return out

@@ -9,7 +9,8 @@ from torch import nn
 
 import fastdd
 from fastdd.grad.api import per_sample_grad_projections, projector_for
-from fastdd.grad.projection import (factor_dims, factorized_linear_ref, hash_matrix, jl_linear_ref, stream_key)
+from fastdd.grad.projection import (Projector, factor_dims, factorized_linear_ref, hash_matrix, jl_linear_ref,
+                                    stream_key)
 from conftest import assert_close
 
 
@@ -48,10 +49,12 @@ def _explicit(model, grads, proj, dtype=torch.float32):
             W = grads[u.names[0]].reshape(B, u.p, u.d).to(dtype)
             if u.has_bias:
                 W = torch.cat([W, grads[u.names[1]].to(dtype).unsqueeze(2)], 2)
-            P_A = hash_matrix(u.key_a, u.d + u.has_bias, u.k_a, 0, dtype)
-            P_G = hash_matrix(u.key_g, u.p, u.k_g, 0, dtype)
+            d_aug = u.d + u.has_bias
+            P_A = torch.eye(d_aug, dtype=dtype) if u.id_a else hash_matrix(u.key_a, d_aug, u.k_a, 0, dtype)
+            P_G = torch.eye(u.p, dtype=dtype) if u.id_g else hash_matrix(u.key_g, u.p, u.k_g, 0, dtype)
             M = torch.kron(P_G, P_A)  # row o (d+1) + c, column i k_a + j
-            out[:, u.offset:u.offset + u.dim] = W.reshape(B, -1) @ M[:, :u.dim] / math.sqrt(u.dim)
+            exact = (u.p if u.id_g else 1) * (d_aug if u.id_a else 1)  # coordinates kept exactly
+            out[:, u.offset:u.offset + u.dim] = W.reshape(B, -1) @ M[:, :u.dim] / math.sqrt(u.dim / exact)
     return out
 
 
@@ -64,8 +67,9 @@ def test_projections_equal_explicit_projection_of_materialized_gradients(kind, d
     assert P.dtype == dtype and P.shape == (7, 50)
     grads = fastdd.per_sample_grads(model, x, y)
     proj = projector_for(model, dict(model.named_parameters()), 50, kind, 3)
-    if kind == "factorized":  # every layer kind got a block of its own
+    if kind == "factorized":  # every layer kind got a block of its own; the 3-output head keeps G exactly
         assert [u.kind for u in proj.units] == ["factorized", "dense", "dense", "factorized", "factorized"]
+        assert proj.units[-1].id_g and not proj.units[-1].id_a
     ref = _explicit(model, grads, proj, dtype)
     tol = 1e-10 if dtype == torch.float64 else 2e-4
     assert_close(P, ref, atol=tol, rtol=tol, name=f"{kind} projections")
@@ -119,7 +123,7 @@ def test_projected_inner_products_approach_the_exact_ones(kind):
     assert errs[1024] < (2.0 / math.sqrt(1024) if kind == "jl" else 2.0 / 1024 ** 0.25), errs
 
 
-SHAPES = [(1, 1, 7, 5, 20), (3, 1, 33, 17, 37), (5, 3, 33, 17, 64), (2, 20, 5, 40, 70)]
+SHAPES = [(1, 1, 7, 5, 20), (3, 1, 33, 17, 37), (5, 3, 33, 17, 64), (2, 20, 5, 40, 70), (2, 4, 50, 3, 40)]  # last two: exact A, exact G
 
 
 @pytest.mark.parametrize("B,T,d,p,dim", SHAPES)
@@ -136,10 +140,29 @@ def test_triton_kernels_match_the_torch_path(B, T, d, p, dim, has_bias, nonconti
     row_b = 13 + p * d if has_bias else None
     assert_close(jl_linear_fwd(A, G, key, 13, row_b, dim), jl_linear_ref(A, G, key, 13, row_b, dim),
                  atol=1e-4, rtol=1e-5, name="jl kernel")
-    k_g, k_a = factor_dims(dim)
-    P_A, P_G = hash_matrix(key, d + has_bias, k_a), hash_matrix(key_g, p, k_g)
-    assert_close(factorized_linear_fwd(A, G, key, key_g, k_a, k_g, dim, has_bias),
-                 factorized_linear_ref(A, G, P_A, P_G, dim, has_bias), atol=1e-4, rtol=1e-5, name="factorized kernel")
+    k_g, k_a, id_g, id_a = factor_dims(dim, p, d + has_bias)
+    P_A = torch.eye(d + has_bias) if id_a else hash_matrix(key, d + has_bias, k_a)
+    P_G = torch.eye(p) if id_g else hash_matrix(key_g, p, k_g)
+    cols = k_g * k_a if (id_g or id_a) else dim
+    assert_close(factorized_linear_fwd(A, G, key, key_g, k_a, k_g, cols, has_bias, 0.5, id_a, id_g),
+                 factorized_linear_ref(A, G, P_A, P_G, cols, has_bias, 0.5), atol=1e-4, rtol=1e-5,
+                 name=f"factorized kernel (exact G {id_g}, exact A {id_a})")
+
+
+def test_factorized_layout_fills_dim_with_exact_sides_where_a_layer_is_narrow():
+    # a 10-output layer: a square split would project G from 10 to 45 dims; G is kept exactly,
+    # A projected to floor(share / 10) dims; the remainder goes to a layer that takes any number
+    model = nn.Sequential(nn.Linear(300, 200), nn.ReLU(), nn.Linear(200, 10))
+    proj = Projector(model, dict(model.named_parameters()), 1000, "factorized")
+    first, head = proj.units
+    assert head.id_g and (head.k_g, head.k_a) == (10, 50) and head.dim == 500
+    assert not (first.id_g or first.id_a) and first.dim == 500 and proj.used_dim == 1000
+    head_only = nn.Linear(784, 10)  # alone it cannot use 2048 = 10 x 204 + 8: 8 zero columns
+    proj = Projector(head_only, dict(head_only.named_parameters()), 2048, "factorized")
+    assert proj.used_dim == 2040 and proj.units[0].k_a == 204
+    x, y = torch.randn(4, 784), torch.randint(0, 10, (4,))
+    P = per_sample_grad_projections(head_only, x, y, dim=2048)
+    assert (P[:, 2040:] == 0).all() and (P[:, :2040] != 0).any()
 
 
 def test_triton_kernels_take_bf16_inputs():
@@ -147,7 +170,7 @@ def test_triton_kernels_take_bf16_inputs():
 
     A, G = torch.randn(4, 3, 20), torch.randn(4, 3, 9)
     key, key_g = stream_key(0, 1), stream_key(0, 2)
-    k_g, k_a = factor_dims(30)
+    k_g, k_a = 5, 6
     ref = factorized_linear_ref(A.double(), G.double(), hash_matrix(key, 21, k_a, dtype=torch.float64),
                                 hash_matrix(key_g, 9, k_g, dtype=torch.float64), 30, True)
     low = factorized_linear_ref(A.bfloat16(), G.bfloat16(), hash_matrix(key, 21, k_a), hash_matrix(key_g, 9, k_g), 30, True)
@@ -172,8 +195,9 @@ def test_hash_is_the_same_in_the_kernel_and_in_torch():
 def test_bad_input_is_refused_with_clear_errors():
     model = nn.Sequential(nn.Linear(4, 3))
     x, y = torch.randn(2, 4), torch.randint(0, 3, (2,))
-    with pytest.raises(ValueError, match="not smaller than the gradient's size"):
-        per_sample_grad_projections(model, x, y, dim=15, kind="jl")
+    for kind in ("jl", "factorized"):
+        with pytest.raises(ValueError, match="not smaller than the gradient's size"):
+            per_sample_grad_projections(model, x, y, dim=15, kind=kind)
     with pytest.raises(ValueError, match="kind must be one of"):
         per_sample_grad_projections(model, x, y, dim=4, kind="gaussian")
     with pytest.raises(ValueError, match="dim must be a positive int"):

@@ -217,8 +217,8 @@ def projector_for(model: nn.Module, selected: dict, dim, kind: str = "factorized
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     numel = sum(p.numel() for p in selected.values())
-    if kind == "jl" and dim >= numel:
-        raise ValueError(f"dim={dim} is not smaller than the gradient's size ({numel} parameters): a JL projection "
+    if dim >= numel:
+        raise ValueError(f"dim={dim} is not smaller than the gradient's size ({numel} parameters): a projection "
                          "would only add noise and cost; use per_sample_grads and flatten them")
     layout = tuple((n, tuple(p.shape), type(m).__name__) for n, p, m in _owners(model, selected))
     key = (layout, int(dim), kind, int(seed))

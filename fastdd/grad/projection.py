@@ -86,16 +86,37 @@ def hash_matrix(key: int, n_rows: int, n_cols: int, row0: int = 0, dtype=torch.f
 
 
 # --------------------------------------------------------------------------- layout
-def _split_dims(dim: int, n: int) -> list[int]:
-    base, extra = divmod(dim, n)
-    return [base + (i < extra) for i in range(n)]
+def _water_fill(total: int, caps: list[int]) -> list[int]:
+    """An even split of ``total`` over slots capped at ``caps`` (what a slot cannot take goes to
+    the others); sums to ``min(total, sum(caps))``."""
+    share = [0] * len(caps)
+    open_ = [i for i, c in enumerate(caps) if c > 0]
+    left = total
+    while left > 0 and open_:
+        base, extra = divmod(left, len(open_))
+        for j, i in enumerate(open_):
+            give = min(caps[i] - share[i], base + (j < extra))
+            share[i] += give
+            left -= give
+        open_ = [i for i in open_ if share[i] < caps[i]]
+    return share
 
 
-def factor_dims(dim: int) -> tuple[int, int]:
-    """``(k_g, k_a)`` with ``k_g k_a >= dim`` nearly square (the layer keeps the first ``dim``)."""
-    k_g = max(1, math.isqrt(dim))
-    k_a = -(-dim // k_g)
-    return k_g, k_a
+def factor_dims(share: int, p: int, d: int) -> tuple[int, int, bool, bool]:
+    """``(k_g, k_a, id_g, id_a)`` for a ``[p, d]`` layer given ``share`` columns: both sides random
+    and near-square (the first ``share`` of the ``k_g k_a`` products kept), or the side that a
+    square split would not shrink (``sqrt(share) >= p``, or ``share / k_g >= d``) exact (identity),
+    the other random with ``floor(share / size)`` columns. Uses ``k_g k_a`` (exact sides) or
+    ``share`` (both random) columns."""
+    if share >= p * d:
+        return p, d, True, True
+    k_g = max(1, math.isqrt(share))
+    if k_g >= p:
+        return p, max(1, share // p), True, False
+    k_a = -(-share // k_g)
+    if k_a >= d:
+        return max(1, share // d), d, False, True
+    return k_g, k_a, False, False
 
 
 @dataclass
@@ -120,14 +141,22 @@ class Unit:
     k_a: int = 0
     key_a: int = 0
     key_g: int = 0
+    id_g: bool = False  # P_G is the identity (k_g = p): the G side is kept exactly
+    id_a: bool = False  # P_A is the identity (k_a = d + has_bias)
+
+    @property
+    def d_aug(self) -> int:
+        return self.d + self.has_bias
 
     @property
     def scale(self) -> float:
         """Each output column is a sum of +-1-weighted gradient entries whose expected product
         over two samples is their inner product (dense: independent signs; factorized: products
-        of an A-side and a G-side sign, uncorrelated across distinct entries), so ``1/sqrt(dim)``
+        of an A-side and a G-side sign, uncorrelated across distinct entries), so ``1/sqrt(n)``,
+        n the random columns per exact coordinate (``dim``, or ``k_a`` when G is exact, ...),
         makes ``<proj_i, proj_j>`` an unbiased estimate of ``g_i . g_j``."""
-        return 1.0 / math.sqrt(self.dim)
+        exact = (self.p if self.id_g else 1) * (self.d_aug if self.id_a else 1)
+        return 1.0 / math.sqrt(self.dim / exact)
 
 
 def _factorizable(module: nn.Module, local: dict[str, str]) -> bool:
@@ -155,27 +184,68 @@ class Projector:
             for n, p in selected.items():
                 rows[n], r0 = r0, r0 + p.numel()
             self._add(Unit("dense", list(selected), 0, dim, key=stream_key(seed, 0), rows=rows))
+            self.used_dim = dim
             return
         groups = _owner_groups(model, selected)
-        dims = _split_dims(dim, len(groups))
+        specs = []  # (module, local, names, factorizable, capacity)
+        for module, local in groups:
+            fac = _factorizable(module, local)
+            names = [local[x] for x in ("weight", "bias") if x in local] if fac else list(local.values())
+            specs.append((local, names, fac, sum(selected[n].numel() for n in names)))
+        caps = [c for *_, c in specs]
+        shares = _water_fill(dim, caps)
+        # a factorized layer with an exact side takes whole multiples of that side's size; what it
+        # leaves goes to layers that take any number (both sides random, or dense)
+        for _ in range(8):
+            used = [self._used(sh, sel, spec) for sh, sel, spec in zip(shares, [selected] * len(specs), specs)]
+            left = sum(sh - u for sh, u in zip(shares, used))
+            takers = [i for i, spec in enumerate(specs) if self._takes_any(shares[i], selected, spec)]
+            if not left or not takers:
+                break
+            extra = _water_fill(left, [caps[i] - used[i] for i in takers])
+            shares = used
+            for i, e in zip(takers, extra):
+                shares[i] += e
         offset = 0
-        for i, ((module, local), k) in enumerate(zip(groups, dims)):
-            if k == 0:
+        for i, ((local, names, fac, _), sh) in enumerate(zip(specs, shares)):
+            if sh == 0:
                 continue
-            names = [local[x] for x in ("weight", "bias") if x in local] if _factorizable(module, local) \
-                else list(local.values())
-            if _factorizable(module, local):
+            if fac:
                 w = selected[local["weight"]]
-                k_g, k_a = factor_dims(k)
-                u = Unit("factorized", names, offset, k, p=w.shape[0], d=w[0].numel(), has_bias="bias" in local,
-                         k_g=k_g, k_a=k_a, key_a=stream_key(seed, 2 * i + 1), key_g=stream_key(seed, 2 * i + 2))
+                p_, d_, hb = w.shape[0], w[0].numel(), "bias" in local
+                k_g, k_a, id_g, id_a = factor_dims(sh, p_, d_ + hb)
+                k = k_g * k_a if (id_g or id_a) else sh
+                u = Unit("factorized", names, offset, k, p=p_, d=d_, has_bias=hb, k_g=k_g, k_a=k_a,
+                         key_a=stream_key(seed, 2 * i + 1), key_g=stream_key(seed, 2 * i + 2), id_g=id_g, id_a=id_a)
             else:
                 rows, r0 = {}, 0
                 for n in names:
                     rows[n], r0 = r0, r0 + selected[n].numel()
+                k = sh
                 u = Unit("dense", names, offset, k, key=stream_key(seed, 2 * i + 1), rows=rows)
             self._add(u)
             offset += k
+        # columns no layer could fill exactly stay zero (a few: less than one exact side's size)
+        self.used_dim = offset
+
+    @staticmethod
+    def _used(share, selected, spec) -> int:
+        local, names, fac, cap = spec
+        if not fac or share == 0:
+            return share
+        w = selected[local["weight"]]
+        k_g, k_a, id_g, id_a = factor_dims(share, w.shape[0], w[0].numel() + ("bias" in local))
+        return k_g * k_a if (id_g or id_a) else share
+
+    @staticmethod
+    def _takes_any(share, selected, spec) -> bool:
+        local, names, fac, cap = spec
+        if share >= cap:
+            return False
+        if not fac:
+            return True
+        w = selected[local["weight"]]
+        return not any(factor_dims(max(share, 1), w.shape[0], w[0].numel() + ("bias" in local))[2:])
 
     def _add(self, unit: Unit):
         self.units.append(unit)
@@ -184,20 +254,26 @@ class Projector:
 
     # -- matrices (generated once per projector, small for factorized units)
     def _matrix(self, key: int, n_rows: int, n_cols: int, row0: int, dtype, device) -> torch.Tensor:
-        """Rows of a sign matrix, cached while the cache stays within the chunk budget."""
+        """Rows of a sign matrix, cached (oldest dropped first) within four chunk budgets."""
         ck = (key, n_rows, n_cols, row0, dtype, str(device))
         m = self._cache.get(ck)
         if m is None:
             m = hash_matrix(key, n_rows, n_cols, row0, dtype, device)
             self._cache[ck] = m
-            while sum(t.numel() * t.element_size() for t in self._cache.values()) > budget_bytes() and len(self._cache) > 1:
+            # up to 4 chunk budgets (1 GB by default): a TRAK-sized R is generated once, not per batch
+            while sum(t.numel() * t.element_size() for t in self._cache.values()) > 4 * budget_bytes() \
+                    and len(self._cache) > 1:
                 self._cache.popitem(last=False)
         return m
 
     def factors(self, u: Unit, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``P_A [d + has_bias, k_a]`` and ``P_G [p, k_g]`` of a factorized unit (signs)."""
-        return (self._matrix(u.key_a, u.d + u.has_bias, u.k_a, 0, dtype, device),
-                self._matrix(u.key_g, u.p, u.k_g, 0, dtype, device))
+        """``P_A [d + has_bias, k_a]`` and ``P_G [p, k_g]`` of a factorized unit (signs, or the
+        identity on an exact side)."""
+        P_A = torch.eye(u.d_aug, dtype=dtype, device=device) if u.id_a else \
+            self._matrix(u.key_a, u.d_aug, u.k_a, 0, dtype, device)
+        P_G = torch.eye(u.p, dtype=dtype, device=device) if u.id_g else \
+            self._matrix(u.key_g, u.p, u.k_g, 0, dtype, device)
+        return P_A, P_G
 
     # -- the general path: project materialized per-sample gradients
     def project_grads(self, grads: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
@@ -268,7 +344,7 @@ class Projector:
         xp, padding = _conv_padding(m, x)
         # A_i P_A for every position is a convolution of x with the k_a columns of P_A as
         # filters: [B, k_a, L] without unfolding the patches
-        filt = P_A[:u.d].T.reshape(u.k_a, *m.weight.shape[1:])
+        filt = P_A[:u.d].T.reshape(P_A.shape[1], *m.weight.shape[1:])
         conv = F.conv1d if isinstance(m, nn.Conv1d) else F.conv2d
         AP = conv(xp.to(dt), filt, None, m.stride, padding, m.dilation).flatten(2)
         if u.has_bias:
@@ -300,9 +376,9 @@ def _owner_groups(model: nn.Module, selected: dict[str, nn.Parameter]) -> list[t
 
 # --------------------------------------------------------------------------- Linear op (four layers)
 def factorized_linear_ref(A: torch.Tensor, G: torch.Tensor, P_A: torch.Tensor, P_G: torch.Tensor, dim: int,
-                          has_bias: bool) -> torch.Tensor:
-    """``vec((G_i P_G)^T (A_i [1]) P_A)[:dim] / sqrt(dim)``: A ``[B, T, d]``, G ``[B, T, p]``,
-    P_A ``[d + has_bias, k_a]``, P_G ``[p, k_g]`` -> ``[B, dim]`` (accumulation dtype)."""
+                          has_bias: bool, scale: float | None = None) -> torch.Tensor:
+    """``vec((G_i P_G)^T (A_i [1]) P_A)[:dim] * scale`` (default ``1/sqrt(dim)``): A ``[B, T, d]``,
+    G ``[B, T, p]``, P_A ``[d + has_bias, k_a]``, P_G ``[p, k_g]`` -> ``[B, dim]`` (accumulation dtype)."""
     A, G = acc(A), acc(G)
     d = A.shape[2]
     AP = A @ P_A[:d]
@@ -310,7 +386,7 @@ def factorized_linear_ref(A: torch.Tensor, G: torch.Tensor, P_A: torch.Tensor, P
         AP = AP + P_A[d]
     GP = G @ P_G
     Fm = torch.bmm(GP.transpose(1, 2), AP)
-    return Fm.reshape(A.shape[0], -1)[:, :dim] / math.sqrt(dim)
+    return Fm.reshape(A.shape[0], -1)[:, :dim] * (1 / math.sqrt(dim) if scale is None else scale)
 
 
 def factorized_linear(A, G, u: Unit, proj: Projector, dtype) -> torch.Tensor:
@@ -320,9 +396,10 @@ def factorized_linear(A, G, u: Unit, proj: Projector, dtype) -> torch.Tensor:
     if backend != "torch" and _backend.triton_available():
         from ..kernels.projection import factorized_linear_fwd
 
-        return factorized_linear_fwd(A, G, u.key_a, u.key_g, u.k_a, u.k_g, u.dim, u.has_bias).to(dtype)
+        return factorized_linear_fwd(A, G, u.key_a, u.key_g, u.k_a, u.k_g, u.dim, u.has_bias, u.scale,
+                                     u.id_a, u.id_g).to(dtype)
     P_A, P_G = proj.factors(u, dtype, A.device)
-    return factorized_linear_ref(A, G, P_A, P_G, u.dim, u.has_bias)
+    return factorized_linear_ref(A, G, P_A, P_G, u.dim, u.has_bias, u.scale)
 
 
 def jl_linear_ref(A: torch.Tensor, G: torch.Tensor, key: int, row_w: int, row_b: int | None, dim: int,

@@ -128,9 +128,11 @@ class SubsetTrainer:
             models.append(m)
         return models
 
-    def train(self, X: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, seeds) -> tuple[nn.Module, dict, dict]:
+    def train(self, X: torch.Tensor, y: torch.Tensor, masks: torch.Tensor, seeds, snapshots: list | None = None
+              ) -> tuple[nn.Module, dict, dict]:
         """Train ``len(seeds)`` models, model k on ``masks[k]``; returns (base module, stacked
-        parameters ``{name: [M, *shape]}``, buffers)."""
+        parameters ``{name: [M, *shape]}``, buffers). ``snapshots``: a list that receives a copy
+        of the stacked parameters after every epoch (TracIn's checkpoints)."""
         models = self._models(seeds)
         params, buffers = stack_module_state(models)
         base = copy.deepcopy(models[0]).to("meta")
@@ -156,7 +158,16 @@ class SubsetTrainer:
                         d = g[k] + self.weight_decay * params[k]
                         velocity[k].mul_(self.momentum).add_(d)
                         params[k] -= self.lr * velocity[k]
+                if snapshots is not None:
+                    snapshots.append({k: v.clone() for k, v in params.items()})
         return base, params, buffers
+
+    def module(self, params: dict, k: int, buffers: dict | None = None) -> nn.Module:
+        """Model ``k`` of stacked ``params`` as an ordinary module (eval mode)."""
+        m = self.model_fn(0)
+        m.load_state_dict({**{n: t[k] for n, t in params.items()},
+                           **{n: t[k] for n, t in (buffers or {}).items()}}, strict=buffers is not None)
+        return m.eval()
 
     @staticmethod
     def outputs(base, params, buffers, X_test, y_test) -> torch.Tensor:
