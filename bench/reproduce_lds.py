@@ -111,8 +111,9 @@ def methods(setting, models, snapshots, trainer, wd, dtype, X, y, Xt, yt):
     out.append((f"TRAK, JL, dim 2048, {M} model(s)", lambda: TRAK(models, dim=2048, kind="jl").fit(X, y).scores(Xt, yt), ""))
     if M > 1:
         out.append(("TRAK, factorized, dim 2048, 1 model", lambda: TRAK(models[:1], dim=2048).fit(X, y).scores(Xt, yt), ""))
-    out.append((f"TracIn ({len(ck)} checkpoints of one run)", lambda: tracin(ck, [lr_ckpt] * len(ck), X, y, Xt, yt), ""))
-    out.append(("gradient dot (final model)", lambda: tracin([model], [1.0], X, y, Xt, yt), ""))
+    out.append((f"TracIn ({len(ck)} checkpoints of one run)", lambda: tracin(ck, [lr_ckpt] * len(ck), X, y, Xt, yt,
+                                                                           test_chunk=len(yt)), ""))
+    out.append(("gradient dot (final model)", lambda: tracin([model], [1.0], X, y, Xt, yt, test_chunk=len(yt)), ""))
     return out
 
 

@@ -135,7 +135,7 @@ class TRAK:
         best_v = best_i = None
         for s in range(0, self.n, train_tile):
             e = min(self.n, s + train_tile)
-            tile = sum(torch.as_tensor(np.asarray(Phi[s:e])).double() @ Wm for Phi, Wm in zip(self.features, W))
+            tile = sum(_rows(Phi, s, e) @ Wm for Phi, Wm in zip(self.features, W))
             tile = tile / len(self.models) * self.Q[s:e, None]
             if full is not None:
                 full[s:e] = tile.float()
@@ -153,6 +153,13 @@ def _gram(Phi) -> torch.Tensor:
     dim = Phi.shape[1]
     K = torch.zeros(dim, dim, dtype=torch.float64)
     for s in range(0, Phi.shape[0], 8192):
-        block = torch.as_tensor(np.asarray(Phi[s:s + 8192])).double()
+        block = _rows(Phi, s, s + 8192)
         K += block.T @ block
     return K
+
+
+def _rows(Phi, s: int, e: int) -> torch.Tensor:
+    """Rows ``s:e`` of features held as a tensor or a (read-only) memory map, as float64."""
+    if isinstance(Phi, torch.Tensor):
+        return Phi[s:e].double()
+    return torch.from_numpy(np.asarray(Phi[s:e], dtype=np.float64))
