@@ -54,17 +54,22 @@ def _digits(n=400, n_test=60, dtype=torch.float64):
 
 def test_subset_trainer_trains_each_model_as_if_alone():
     X, y, _, _ = _digits(200)
-    trainer = SubsetTrainer(lambda s: nn.Linear(64, 10).double(), epochs=5, lr=0.1, batch_size=32)
+    trainer = SubsetTrainer(lambda s: nn.Linear(64, 10).double(), epochs=5, lr=0.1, batch_size=None)
     masks = torch.rand(3, len(y), generator=torch.Generator().manual_seed(1)) < 0.5
     _, together, _ = trainer.train(X, y, masks, [7, 8, 9])
     for k, seed in enumerate([7, 8, 9]):
-        trainer_alone = SubsetTrainer(trainer.model_fn, epochs=5, lr=0.1, batch_size=32)
-        # the shared minibatch order comes from the first seed: give the lone model the same one
-        _, alone, _ = trainer_alone.train(X, y, masks[k:k + 1], [7] if k == 0 else [7])
-        if k == 0:
-            for name in together:
-                assert_close(together[name][0], alone[name][0], atol=1e-10, rtol=1e-10, name=name)
-    # different subsets give different models
+        _, alone, _ = trainer.train(X, y, masks[k:k + 1], [seed])
+        for name in together:
+            assert_close(together[name][k], alone[name][0], atol=1e-10, rtol=1e-10, name=f"model {k} {name}")
+        # and as a plain full-batch SGD loop on the subset would train it
+        torch.manual_seed(seed)
+        m = nn.Linear(64, 10).double()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for _ in range(5):
+            opt.zero_grad()
+            F.cross_entropy(m(X[masks[k]]), y[masks[k]]).backward()
+            opt.step()
+        assert_close(together["weight"][k], m.weight, atol=1e-10, rtol=1e-10, name=f"model {k} vs a plain loop")
     assert (together["weight"][0] - together["weight"][1]).abs().max() > 1e-3
 
 
@@ -268,3 +273,63 @@ def test_gradient_store_writes_in_order(tmp_path):
     assert store.complete and store.rows()[9, 0] == 8.0
     with pytest.raises(ValueError, match=r"\.npy file"):
         GradientStore(str(tmp_path / "g.bin"), n=10, dim=3, identity={})
+
+
+# --------------------------------------------------------------------------- in-run valuation
+def test_inrun_values_are_lr_times_dots_with_the_validation_gradient_and_the_step_is_unchanged():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.GroupNorm(1, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(3 * 4 * 4, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    plain = copy.deepcopy(model)
+    X, y = torch.randn(20, 1, 6, 6, dtype=torch.float64), torch.randint(0, 4, (20,))
+    Xv, yv = torch.randn(5, 1, 6, 6, dtype=torch.float64), torch.randint(0, 4, (5,))
+    from fastdd.valuation import InRunValuation
+
+    valuer = InRunValuation(model, Xv, yv, n_train=20)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    expected = torch.zeros(20, dtype=torch.float64)
+    for _ in range(3):
+        idx = torch.randperm(20)[:8]
+        g = fastdd.per_sample_grads(plain, X[idx], y[idx])
+        gv = fastdd.per_sample_grads(plain, Xv, yv)
+        flat = torch.cat([t.flatten(1) for t in g.values()], 1)
+        val = torch.cat([t.flatten(1) for t in gv.values()], 1).mean(0)
+        expected.index_add_(0, idx, 0.1 * flat @ val)
+        opt_plain.zero_grad()
+        F.cross_entropy(plain(X[idx]), y[idx]).backward()
+        opt_plain.step()
+        opt.zero_grad()
+        loss = valuer.backward(X[idx], y[idx], idx, lr=0.1)
+        opt.step()
+        assert loss.ndim == 0
+    assert_close(valuer.values, expected, atol=1e-12, rtol=1e-9, name="in-run values")
+    for p, q in zip(model.parameters(), plain.parameters()):
+        assert_close(p, q, atol=1e-12, rtol=1e-10, name="parameters after the steps")
+    with pytest.raises(ValueError, match=r"indices must lie in \[0, 20\)"):
+        valuer.backward(X[:2], y[:2], [0, 20], lr=0.1)
+
+
+def test_inrun_values_flag_mislabelled_points():
+    # a point whose label was flipped pushes the model away from the validation data
+    torch.manual_seed(0)
+    X, y, Xt, yt = _digits(300, 100, torch.float32)
+    noisy = y.clone()
+    flipped = torch.arange(0, 300, 10)
+    noisy[flipped] = (noisy[flipped] + 3) % 10
+    from fastdd.valuation import InRunValuation
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    valuer = InRunValuation(model, Xt, yt, n_train=300, val_batch_size=100)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(15):
+        for idx in torch.randperm(300, generator=gen).split(32):
+            opt.zero_grad()
+            valuer.backward(X[idx], noisy[idx], idx, lr=0.05)
+            opt.step()
+    lowest = valuer.values.argsort()[:30]
+    caught = np.isin(lowest.numpy(), flipped.numpy()).mean()
+    assert caught > 0.6, caught  # 10% of points are flipped: chance is 0.1

@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._chunking import budget_bytes, chunks, rows_per_chunk
 from . import buffers
 from .per_sample_linear import acc, acc_dtype
-from .rules import Rule, _sample_chunks, rule_for, uses_batch_statistics
+from .rules import LinearRule, Rule, _sample_chunks, rule_for, uses_batch_statistics
 
 
 # --------------------------------------------------------------------------- capture
@@ -375,6 +375,25 @@ class _RuleSource:
             grads = self._pick(self.rule.materialize(m, self.call.x[s], self.g[s]), self.scale)
             proj.project_grads(grads, out[s])
 
+    def ghost_cross_dots(self, n: int, weights: torch.Tensor):
+        """``[n]``: ``sum_j weights_j <g_i, g_{n+j}>`` for rows i < n without forming a per-sample
+        gradient, where the layer allows (a Linear over [B, d]: ``(a_i . a_j)(g_i . g_j)``, the ghost
+        dot product, ``n m (d + p)`` flops); None elsewhere (the engine then goes through a vector)."""
+        if self.formed is not None or not isinstance(self.rule, LinearRule):
+            return None
+        A, G = LinearRule._btd(self.call.module, self.call.x, self.g)
+        if A.shape[1] != 1:
+            return None
+        A, G = acc(A[:, 0]), acc(G[:, 0])
+        w = weights.to(G.dtype)
+        K = G[:n] @ G[n:].T  # [n, m]
+        total = G.new_zeros(n)
+        if "weight" in self.names:
+            total += (K * (A[:n] @ A[n:].T)) @ w
+        if "bias" in self.names:
+            total += K @ w
+        return total * self.scale ** 2
+
     def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
         batch gradient of a reweighted loss, from the captured A and G: no per-sample gradient),
@@ -531,6 +550,9 @@ class _FuncSource:
                     out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=acc_dtype(grad))
                 out[name].index_add_(0, labels[s], acc(grad))
         return out
+
+    def ghost_cross_dots(self, n, weights):
+        return None  # no layer structure to use: the engine goes through a vector
 
     def project(self, proj, out, chunk_size):
         """Add projections of chunks of materialized per-sample gradients to ``out [B, dim]``."""
@@ -725,6 +747,34 @@ class _Engine:
             src.project(proj, out, chunk_size)
         return out
 
+    def cross_dots(self, n: int, weights: torch.Tensor, chunk_size=None) -> torch.Tensor:
+        """``[n]``: ``sum_j weights_j <g_i, g_{n+j}>`` between rows ``i < n`` and the ``m`` rows after
+        them (e.g. a training batch and a validation batch captured in one backward): ghost dot
+        products where a layer allows, else dots with the rows' weighted sum (tied parameters
+        always: their uses' cross terms count)."""
+        device = next(iter(self.selected.values())).device
+        total = torch.zeros(n, dtype=self.acc, device=device)
+        full_w = torch.cat([weights.new_zeros(n), weights])
+        pending = set()
+        for src in self._distinct_sources(self.sources):
+            single = all(len(self.sources[f]) == 1 for f in _served(src))
+            part = src.ghost_cross_dots(n, weights) if single else None
+            if part is None:
+                pending.update(_served(src))
+            else:
+                total += part
+        if pending:  # V = sum_j w_j g_{n+j} over every use, then <g_i, V> over every use
+            V: dict = {}
+            for src in self._distinct_sources(pending):
+                for f, t in src.weighted_sums(full_w, chunk_size).items():
+                    if f in pending:
+                        V[f] = t if f not in V else V[f] + t
+            vectors = {f: v.unsqueeze(0) for f, v in V.items()}
+            for src in self._distinct_sources(pending):
+                mine = {f: v for f, v in vectors.items() if f in _served(src)}
+                total += src.dots(mine, chunk_size)[:n, 0]
+        return total
+
     def class_sums(self, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
         out = {n: self._zeros(n, (num_classes,), self.acc) for n in self.selected}
         for src in self._distinct_sources(self.sources):
@@ -769,6 +819,11 @@ class _Engine:
                 if id(src) not in seen:
                     seen.add(id(src))
                     yield src
+
+
+def _served(src) -> set:
+    """Full names of the parameters a source serves."""
+    return set(src.names.values())
 
 
 def _scaled(grads: list, scale: float) -> list:

@@ -4,6 +4,7 @@ from .block_cg import SolveInfo, block_cg
 from .datamodels import DatamodelTargets, LDSResult, SubsetTrainer, datamodel_targets, lds, margin_fn, margins
 from .exact import exact_banzhaf, exact_shapley
 from .influence import InfluenceFunction
+from .inrun import InRunValuation
 from .knn_shapley import knn_shapley
 from .loo import leave_one_out
 from .shapley import ValuationResult, banzhaf_msr, tmc_shapley
@@ -15,6 +16,6 @@ from .utility import KNNUtility, ModelUtility
 __all__ = [
     "DatamodelTargets", "GradientStore", "LDSResult", "SubsetTrainer", "TRAK", "datamodel_targets", "lds",
     "margin_fn", "margins",
-    "InfluenceFunction", "KNNUtility", "ModelUtility", "SolveInfo", "ValuationResult", "banzhaf_msr", "block_cg",
+    "InRunValuation", "InfluenceFunction", "KNNUtility", "ModelUtility", "SolveInfo", "ValuationResult", "banzhaf_msr", "block_cg",
     "exact_banzhaf", "exact_shapley", "knn_shapley", "leave_one_out", "tmc_shapley", "tracin",
 ]
