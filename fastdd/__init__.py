@@ -8,6 +8,7 @@ from .grad import (
     classwise_grads,
     per_sample_grad_dots,
     per_sample_grad_norms,
+    per_sample_grad_projections,
     per_sample_grads,
 )
 
@@ -18,5 +19,6 @@ __all__ = [
     "classwise_grads",
     "per_sample_grad_dots",
     "per_sample_grad_norms",
+    "per_sample_grad_projections",
     "per_sample_grads",
 ]

@@ -212,7 +212,9 @@ def cmd_value(args) -> None:
             num_classes = int(data.y_train.max()) + 1
             model = torch.nn.Linear(Xtr.shape[1], num_classes).to(Xtr.dtype)  # float64 data: a float64 model
             train_model(model, Xtr, data.y_train, epochs=args.epochs, lr=0.1, weight_decay=1e-3, seed=args.seed)
-            influence = InfluenceFunction(model.eval(), damping=1e-3).fit(Xtr, data.y_train)
+            kron = args.hessian in ("kfac", "ekfac")  # Kronecker-factored: its own damping heuristic
+            influence = InfluenceFunction(model.eval(), damping=None if kron else 1e-3,
+                                          hessian=args.hessian).fit(Xtr, data.y_train)
             # value = how much a point lowers the test loss (-I_up,loss summed over the test set);
             # self-influence is large for points the model cannot explain (e.g. mislabelled)
             scores = influence.self_influence() if args.influence == "self" else \
@@ -340,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--influence", choices=["test", "self"], default="test",
                    help="influence: summed over the test set, or self-influence")
     p.add_argument("--epochs", type=_count(1), default=100, help="training epochs of the influence model")
+    p.add_argument("--hessian", choices=["exact", "ekfac", "kfac"], default="exact",
+                   help="influence: the exact Hessian (block CG), or EK-FAC / K-FAC curvature (large models)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="tmc: save progress here")
     p.add_argument("--resume", action="store_true", help="tmc: continue the run saved in --checkpoint")
 

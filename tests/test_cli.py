@@ -142,6 +142,10 @@ def test_value_influence_finds_a_flipped_label_and_tmc_resumes(tmp_path):
     assert main(["value", "--data", str(data), "--method", "influence", "--influence", "self", "--epochs", "30",
                  "--out", str(out)]) == 0
     assert int(np.load(out).argmax()) == 11  # the mislabelled point is the one the model bends to
+    ek = tmp_path / "self_ekfac.npy"
+    assert main(["value", "--data", str(data), "--method", "influence", "--influence", "self", "--epochs", "30",
+                 "--hessian", "ekfac", "--out", str(ek)]) == 0
+    assert int(np.load(ek).argmax()) == 11  # so does EK-FAC curvature
     ck, tmc = tmp_path / "tmc.pt", tmp_path / "tmc.npy"
     common = ["value", "--data", str(data), "--method", "tmc", "--no-progress", "--out", str(tmc)]
     assert main(common + ["--permutations", "3", "--checkpoint", str(ck)]) == 0

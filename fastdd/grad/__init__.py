@@ -1,4 +1,5 @@
-"""Per-sample gradients: materialized, norms, dots with fixed vectors, class means; ``check``
+"""Per-sample gradients: materialized, norms, dots with fixed vectors, random projections, class
+means; ``check``
 compares the engine with torch.func on a user's model."""
 from .api import (
     PerSampleGrads,
@@ -6,6 +7,7 @@ from .api import (
     classwise_grads,
     per_sample_grad_dots,
     per_sample_grad_norms,
+    per_sample_grad_projections,
     per_sample_grads,
 )
 from .check import CheckReport, check
@@ -18,5 +20,6 @@ __all__ = [
     "classwise_grads",
     "per_sample_grad_dots",
     "per_sample_grad_norms",
+    "per_sample_grad_projections",
     "per_sample_grads",
 ]
