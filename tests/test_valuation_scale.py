@@ -333,3 +333,18 @@ def test_inrun_values_flag_mislabelled_points():
     lowest = valuer.values.argsort()[:30]
     caught = np.isin(lowest.numpy(), flipped.numpy()).mean()
     assert caught > 0.6, caught  # 10% of points are flipped: chance is 0.1
+
+
+def test_removing_the_highest_influence_points_hurts_more_than_random_removal(digits_lr):
+    from fastdd.valuation import removal_curve
+
+    model, wd, X, y, Xt, yt, _ = digits_lr
+    helpful = InfluenceFunction(model, damping=wd, solver="direct").fit(X, y).scores(Xt, yt, test_fn=margin_fn).sum(1)
+    trainer = SubsetTrainer(lambda s: nn.Linear(64, 10).double(), epochs=200, lr=0.5, batch_size=None, weight_decay=wd)
+    curve = removal_curve({"influence": helpful, "least helpful first": -helpful}, trainer, X, y, Xt, yt,
+                          removed=(0, 40, 120))
+    inf, rand, worst = curve.accuracy["influence"], curve.accuracy["random"], curve.accuracy["least helpful first"]
+    assert inf[0] == rand[0] == worst[0]
+    assert inf[2] < rand[2] - 0.05  # 120 of 400 removed
+    assert worst[2] >= rand[2] - 0.02  # removing the least helpful costs nothing
+    assert "| influence |" in curve.table()

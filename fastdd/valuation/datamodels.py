@@ -170,11 +170,16 @@ class SubsetTrainer:
         return m.eval()
 
     @staticmethod
+    def logits(base, params, buffers, X_test) -> torch.Tensor:
+        """``[M, n_test, C]`` outputs of every trained model."""
+        with torch.no_grad():
+            return vmap(lambda p, b: functional_call(base, (p, b), (X_test,)))(params, buffers)
+
+    @staticmethod
     def outputs(base, params, buffers, X_test, y_test) -> torch.Tensor:
         """``[M, n_test]`` margins of every trained model on the test points."""
-        with torch.no_grad():
-            logits = vmap(lambda p, b: functional_call(base, (p, b), (X_test,)))(params, buffers)
-            return margins(logits, y_test.expand(logits.shape[0], -1))
+        logits = SubsetTrainer.logits(base, params, buffers, X_test)
+        return margins(logits, y_test.expand(logits.shape[0], -1))
 
 
 @dataclass
@@ -256,3 +261,82 @@ def datamodel_targets(trainer, X, y, X_test, y_test, n_subsets: int = 100, fract
     if bar is not None:
         bar.close()
     return DatamodelTargets(masks, outputs.view(n_subsets, repeats, -1).mean(1))
+
+
+# --------------------------------------------------------------------------- point removal
+@dataclass
+class RemovalCurve:
+    """Test accuracy after removing the ``removed[k]`` highest-valued training points of each method
+    (mean over seeds): a method that finds the points the model needs drops fastest."""
+
+    removed: list
+    accuracy: dict  # method -> [accuracy per entry of removed]
+
+    def table(self) -> str:
+        head = "| method | " + " | ".join(f"{k} removed" for k in self.removed) + " |"
+        rows = [head, "|---|" + "---|" * len(self.removed)]
+        for name, acc in self.accuracy.items():
+            rows.append(f"| {name} | " + " | ".join(f"{100 * a:.1f}" for a in acc) + " |")
+        return "\n".join(rows)
+
+    def plot(self, path: str, title: str = "removing the most valuable training points") -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for name, acc in self.accuracy.items():
+            ax.plot(self.removed, [100 * a for a in acc], marker="o", label=name,
+                    ls=":" if name == "random" else "-", color="gray" if name == "random" else None)
+        ax.set_xlabel("training points removed (highest value first)")
+        ax.set_ylabel("test accuracy of the retrained model (%)")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def removal_curve(values: dict, trainer: SubsetTrainer, X, y, X_test, y_test, removed=(0, 50, 100, 200, 400),
+                  seeds: int = 1, random_seeds: int = 3, seed: int = 0) -> RemovalCurve:
+    """Retrain without the highest-valued points of each method (and random points) and report test
+    accuracy: every (method, count, seed) model is trained at once by ``trainer``.
+
+    Args:
+        values: ``{method: [n_train]}``, larger = more valuable (e.g. attributions summed over
+            the test points).
+        removed: how many points to remove, each.
+        seeds: models per (method, count) (convex full-batch trainers need 1); ``random_seeds``:
+            random removals per count, averaged.
+    """
+    X, X_test = as_samples(X, "X"), as_samples(X_test, "X_test")
+    y, y_test = as_labels(y, "y", len(X)), as_labels(y_test, "y_test", len(X_test))
+    n = len(y)
+    removed = [int(k) for k in removed]
+    if any(k < 0 or k >= n for k in removed):
+        raise ValueError(f"removed counts must lie in [0, {n}), got {removed}")
+    gen = torch.Generator().manual_seed(seed)
+    jobs = []  # (method, k, mask)
+    for name, v in values.items():
+        v = as_tensor(v, f"values[{name!r}]").reshape(-1)
+        if len(v) != n:
+            raise ValueError(f"values[{name!r}] has {len(v)} entries for {n} training points")
+        order = torch.argsort(v.double(), descending=True)
+        for k in removed:
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[order[:k]] = False
+            jobs += [(name, k, mask)] * seeds
+    for _ in range(random_seeds):
+        perm = torch.randperm(n, generator=gen)
+        for k in removed:
+            mask = torch.ones(n, dtype=torch.bool)
+            mask[perm[:k]] = False
+            jobs.append(("random", k, mask))
+    masks = torch.stack([m for *_, m in jobs])
+    base, params, buffers = trainer.train(X, y, masks, [seed * 7919 + i + 1 for i in range(len(jobs))])
+    correct = (SubsetTrainer.logits(base, params, buffers, X_test).argmax(-1) == y_test).double().mean(1)
+    acc: dict = {}
+    for (name, k, _), a in zip(jobs, correct.tolist()):
+        acc.setdefault(name, {}).setdefault(k, []).append(a)
+    return RemovalCurve(removed, {name: [float(np.mean(by_k[k])) for k in removed] for name, by_k in acc.items()})
