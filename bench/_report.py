@@ -1,6 +1,7 @@
 """What the benchmarks share: writing the markdown table, reading a process's memory, CUDA timing."""
 from __future__ import annotations
 
+import json
 import os
 
 
@@ -82,3 +83,25 @@ def peak_tensor_bytes(fn) -> tuple[int, object]:
     with Tracker():
         result = fn()
     return peak[0], result
+
+
+class Results:
+    """Finished runs on disk (``results.json``): nothing computed is lost to an interruption.
+    ``sort_keys=False`` keeps the order entries were made in (a table's row order)."""
+
+    def __init__(self, path, sort_keys: bool = True):
+        self.path, self.sort_keys = path, sort_keys
+        self.data = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def put(self, key, value):
+        self.data[key] = value
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, indent=1, sort_keys=self.sort_keys)
+        os.replace(tmp, self.path)

@@ -20,7 +20,6 @@ finish; a rerun picks up where the last one stopped. Threads: ``--threads`` (def
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,6 +29,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _report import Results  # noqa: E402
 
 from fastdd.valuation import (TRAK, InfluenceFunction, SubsetTrainer, datamodel_targets, lds,  # noqa: E402
                               margin_fn, tracin)
@@ -64,22 +66,6 @@ SETTINGS = {
     "mlp": dict(model=mlp_model, trainer=dict(epochs=20, lr=0.01, batch_size=64, momentum=0.9, weight_decay=5e-4),
                 repeats=5, n_models=10, dtype=torch.float32),
 }
-
-
-class Results:
-    def __init__(self, path):
-        self.path = path
-        self.data = json.load(open(path)) if os.path.exists(path) else {}
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def put(self, key, value):
-        self.data[key] = value
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1)
-        os.replace(tmp, self.path)
 
 
 def methods(setting, models, snapshots, trainer, wd, dtype, X, y, Xt, yt):
@@ -189,7 +175,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     SETTINGS["mlp"]["repeats"] = args.mlp_repeats
     os.makedirs(args.out_dir, exist_ok=True)
-    res = Results(os.path.join(args.out_dir, "results.json"))
+    res = Results(os.path.join(args.out_dir, "results.json"), sort_keys=False)
     X, y, Xt, yt = load(args.dataset)
     for name in args.settings:
         run_setting(name, args, res, X, y, Xt, yt)

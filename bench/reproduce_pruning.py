@@ -20,7 +20,6 @@ PNG figures beside it. Threads: ``--threads`` (default 2); run it alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _report import Results  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 POLICIES = ("easy", "hard", "ccs", "moderate")
@@ -55,27 +57,6 @@ def stratified_prefix(y, seed=0):
     # interleave the classes: position = (rank within class, class)
     key = rank * 100 + y
     return perm[torch.argsort(key[perm], stable=True)]
-
-
-class Results:
-    """Finished runs on disk (``results.json``): nothing trained is lost to an interruption."""
-
-    def __init__(self, path):
-        self.path = path
-        self.data = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                self.data = json.load(f)
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def put(self, key, value):
-        self.data[key] = value
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.data, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.path)
 
 
 def train_and_test(X, y, Xt, yt, steps, seed, width=16, batch_size=128):

@@ -1,6 +1,5 @@
 """Valuation at scale: the linear datamodeling score and its retraining harness, K-FAC / EK-FAC
 influence against explicit curvature, TRAK against its formula, the gradient store."""
-import warnings
 
 import numpy as np
 import pytest

@@ -33,7 +33,7 @@ from torch import nn
 
 from .. import _backend
 from .._chunking import budget_bytes, chunks, rows_per_chunk
-from .per_sample_linear import acc, acc_dtype
+from .per_sample_linear import acc
 
 KINDS = ("factorized", "jl")
 M32 = 0xFFFFFFFF

@@ -18,11 +18,9 @@ in the outputs (``fisher="ggn"``: K-FAC of the Gauss-Newton matrix), or with the
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..grad.engine import _Capture

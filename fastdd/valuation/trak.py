@@ -12,8 +12,6 @@ gradient is written for Linear and Conv layers with ``kind="factorized"``.
 """
 from __future__ import annotations
 
-import hashlib
-from typing import Sequence
 
 import numpy as np
 import torch
