@@ -104,8 +104,48 @@ def main():
             print(row, flush=True)
         os.environ.pop("FASTDD_BACKEND", None)
     conv_kernels(lines, backends, device, dtype)
+    projection_kernels(lines, device, dtype)
     distill_kernels(lines, backends, device)
     write_report(args.out, lines)
+
+
+def projection_kernels(lines, device, dtype):
+    """Projected per-sample Linear gradients: the fused kernels (Triton on a GPU) against
+    materialize-then-project (per-sample gradients, then a cached dense R: TRAK's CPU path)."""
+    from fastdd.grad import per_sample_linear as psl
+    from fastdd.grad.projection import factor_dims, factorized_linear_ref, hash_matrix, stream_key
+
+    lines += ["", "| B, T, d, p | projection (dim) | path | ms | GFLOP/s | | | |"]
+    print(lines[-1], flush=True)
+    key, key_g = stream_key(0, 1), stream_key(0, 2)
+    shapes = [(256, 1, 784, 128, 4096), (64, 16, 512, 512, 2048)] if device == "cuda" else [(256, 1, 784, 128, 1024)]
+    for B, T, d, p, dim in shapes:
+        A = torch.randn(B, T, d, device=device, dtype=dtype)
+        G = torch.randn(B, T, p, device=device, dtype=dtype)
+        R = hash_matrix(key, p * d, dim, 0, torch.float32, device)
+        k_g, k_a, id_g, id_a = factor_dims(dim, p, d)
+        P_A, P_G = hash_matrix(key, d, k_a, 0, torch.float32, device), hash_matrix(key_g, p, k_g, 0, torch.float32, device)
+        runs = {
+            ("jl", "materialize then project"): (lambda: psl.psg_linear(A, G).reshape(B, -1).float() @ R,
+                                                 2 * B * T * d * p + 2 * B * d * p * dim),
+            ("factorized", "torch"): (lambda: factorized_linear_ref(A, G, P_A, P_G, dim, False),
+                                      2 * B * T * (d * k_a + p * k_g) + 2 * B * T * k_a * k_g),
+        }
+        if device == "cuda":
+            from fastdd.kernels.projection import factorized_linear_fwd, jl_linear_fwd
+
+            runs[("jl", "fused Triton")] = (lambda: jl_linear_fwd(A, G, key, 0, None, dim),
+                                            2 * B * T * d * p + 2 * B * d * p * dim)
+            runs[("factorized", "Triton")] = (lambda: factorized_linear_fwd(A, G, key, key_g, k_a, k_g, dim, False),
+                                              2 * B * T * (d * k_a + p * k_g) + 2 * B * T * k_a * k_g)
+        for (kind, path), (fn, flops) in runs.items():
+            try:
+                sec = timeit(fn, device, repeat=10)
+                row = f"| {B}, {T}, {d}, {p} | {kind} ({dim}) | {path} | {sec * 1e3:.3f} | {flops / sec / 1e9:.0f} | | | |"
+            except Exception as exc:  # report, keep going
+                row = f"| {B}, {T}, {d}, {p} | {kind} ({dim}) | {path} | error: {type(exc).__name__}: {exc} | | | | |"
+            lines.append(row)
+            print(row, flush=True)
 
 
 def conv_kernels(lines, backends, device, dtype):

@@ -206,3 +206,31 @@ def test_bad_input_is_refused_with_clear_errors():
     bad[1, 0] = float("inf")
     with pytest.raises(ValueError, match=r"not finite .*\['0.weight', '0.bias'\]"):
         per_sample_grad_projections(model, bad, y, dim=4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["factorized", "jl"])
+def test_projections_on_a_gpu_equal_the_cpu_ones(kind):
+    # the same matrices on every backend: the Triton kernels (in-kernel hash) against the CPU path
+    model = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 10))
+    x, y = torch.randn(33, 40), torch.randint(0, 10, (33,))
+    cpu = per_sample_grad_projections(model, x, y, dim=256, kind=kind, seed=11)
+    gpu = per_sample_grad_projections(model.cuda(), x.cuda(), y.cuda(), dim=256, kind=kind, seed=11)
+    assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4, name=f"{kind} GPU vs CPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,d,p,dim", SHAPES)
+def test_triton_projection_kernels_natively(B, T, d, p, dim):
+    from fastdd.kernels.projection import factorized_linear_fwd, jl_linear_fwd
+
+    A, G = torch.randn(B, T, d, device="cuda"), torch.randn(B, T, p, device="cuda")
+    key, key_g = stream_key(5, 1), stream_key(5, 2)
+    assert_close(jl_linear_fwd(A, G, key, 0, p * d, dim), jl_linear_ref(A, G, key, 0, p * d, dim),
+                 atol=1e-3, rtol=1e-4, name="jl kernel")
+    k_g, k_a, id_g, id_a = factor_dims(dim, p, d + 1)
+    P_A = torch.eye(d + 1, device="cuda") if id_a else hash_matrix(key, d + 1, k_a, device="cuda")
+    P_G = torch.eye(p, device="cuda") if id_g else hash_matrix(key_g, p, k_g, device="cuda")
+    cols = k_g * k_a if (id_g or id_a) else dim
+    assert_close(factorized_linear_fwd(A, G, key, key_g, k_a, k_g, cols, True, 0.5, id_a, id_g),
+                 factorized_linear_ref(A, G, P_A, P_G, cols, True, 0.5), atol=1e-3, rtol=1e-4, name="factorized kernel")
