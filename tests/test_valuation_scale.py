@@ -92,6 +92,27 @@ def test_datamodel_targets_resume_and_refuse_another_run(tmp_path):
         datamodel_targets(trainer, X, y, Xt, yt, n_subsets=6, fraction=0.4, checkpoint=ck)
 
 
+def test_a_train_fn_gives_the_targets_the_vectorized_trainer_gives():
+    X, y, Xt, yt = _digits(100, 8)
+    trainer = SubsetTrainer(lambda s: nn.Linear(64, 10).double(), epochs=10, lr=0.1, batch_size=None)
+
+    def train_fn(X_sub, y_sub, seed):  # the same recipe, one model at a time (seeded by the caller)
+        m = nn.Linear(64, 10).double()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        for _ in range(10):
+            opt.zero_grad()
+            F.cross_entropy(m(X_sub), y_sub).backward()
+            opt.step()
+        return m
+
+    vec = datamodel_targets(trainer, X, y, Xt, yt, n_subsets=4)
+    seq = datamodel_targets(train_fn, X, y, Xt, yt, n_subsets=4)
+    assert torch.equal(vec.subsets, seq.subsets)
+    assert_close(seq.outputs, vec.outputs, atol=1e-9, rtol=1e-9, name="targets")
+    with pytest.raises(ValueError, match="trainer must be a SubsetTrainer or a callable"):
+        datamodel_targets("sgd", X, y, Xt, yt)
+
+
 @pytest.fixture(scope="module")
 def digits_lr():
     """Logistic regression on 400 digits, converged with weight decay, and LDS targets on 60 test digits."""

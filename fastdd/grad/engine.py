@@ -405,6 +405,17 @@ class _RuleSource:
             local = None if not into else {k: into[f] for k, f in self.names.items() if f in into}
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size, out=local))
 
+    def row_sums(self, rows: slice, factor: float, chunk_size):
+        """``factor * sum_{i in rows} g_i``: the rule's batch sum over those rows, scaled once
+        (no reweighted copy of the output gradient)."""
+        with torch.no_grad():
+            if self.formed is not None:
+                return {f: acc(t[rows]).sum(0) * (factor * self.scale) for f, t in self.formed.items()}
+            res = self._pick(self.rule.batch_sum(self.call.module, self.call.x[rows], self.g[rows], chunk_size))
+            for t in res.values():
+                t.mul_(factor * self.scale)
+            return res
+
 
 def _fits(numel: int, dtype: torch.dtype) -> bool:
     """Whether ``numel`` values of ``dtype`` fit the chunk budget (per-sample gradients worth keeping)."""
@@ -558,6 +569,11 @@ class _FuncSource:
         """Add projections of chunks of materialized per-sample gradients to ``out [B, dim]``."""
         for s in self._chunks(chunk_size):
             proj.project_grads(self.materialize(s), out[s])
+
+    def row_sums(self, rows: slice, factor: float, chunk_size):
+        weights = torch.zeros(self.call.batch_size, dtype=acc_dtype(self.grads[0]), device=self.any_device())
+        weights[rows] = factor
+        return self.weighted_sums(weights, chunk_size)
 
     def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: from the gradients kept for the norms, else from chunks of
@@ -781,6 +797,15 @@ class _Engine:
             for f, t in src.class_sums(labels, num_classes, chunk_size).items():
                 out[f] += t
         return out
+
+    def row_sums(self, rows: slice, factor: float, chunk_size=None) -> dict[str, torch.Tensor]:
+        """``{name: factor * sum_{i in rows} g_i}`` in the accumulation dtype (the batch gradient of
+        those rows' loss, e.g. the training rows of a batch with validation rows appended)."""
+        out = {}
+        for src in self._distinct_sources(self.sources):
+            for f, t in src.row_sums(rows, factor, chunk_size).items():
+                out[f] = t if f not in out else out[f] + t  # a tied parameter's uses add up
+        return {n: out[n] if n in out else self._zeros(n, (), self.acc) for n in self.selected}
 
     def weighted_sums(self, weights: torch.Tensor, chunk_size=None, into: dict | None = None) -> dict[str, torch.Tensor]:
         """``{name: sum_i weights_i * g_i}`` (accumulated in fp32 or float64, in the parameter's

@@ -89,13 +89,11 @@ class InRunValuation:
             losses = _per_sample_losses(self.loss_fn, self.model(x), t, B + m)
             cap.backward(losses.sum())
         engine = _Engine(cap)
-        w = losses.new_zeros(B + m, dtype=engine.acc)
-        w[:B] = 1.0 / B
-        grads = engine.weighted_sums(w)  # the mean training gradient, from the captured rows
+        grads = engine.row_sums(slice(0, B), 1.0 / B)  # the mean training gradient, from the captured rows
         for name, p in self.selected.items():
             g = grads[name].to(p.dtype)
             p.grad = g if p.grad is None else p.grad.add_(g)
-        dots = engine.cross_dots(B, torch.full((m,), 1.0 / m, dtype=engine.acc, device=w.device))
+        dots = engine.cross_dots(B, torch.full((m,), 1.0 / m, dtype=engine.acc, device=losses.device))
         self.values.index_add_(0, indices.cpu(), float(lr) * dots.detach().double().cpu())
         self.steps += 1
         return losses[:B].detach().mean()
