@@ -13,13 +13,17 @@ stored by the kernels: a kernel computes the entries it needs in registers.
   input column of ones), ``(G_i P_G)^T (A_i P_A)`` with ``P_A [d, k_a]``, ``P_G [p, k_g]``:
   ``B T (d k_a + p k_g) + B k_a k_g`` flops, never ``B d p``. ``k_g k_a`` is the smallest
   near-square product covering the layer's share of ``dim``; the first columns are kept
-  and rescaled, which keeps inner products unbiased. On a T = 1 layer (rank-one gradients)
+  and rescaled, which keeps inner products unbiased. A side that a square split would not
+  shrink (a 10-class head's G) is kept exactly (identity) and the layer takes whole
+  multiples of its size. On a T = 1 layer (rank-one gradients)
   the estimate is a product of two JL estimates of about ``sqrt(dim)`` dims each, so its error
   falls like ``dim^(-1/4)``, not ``dim^(-1/2)``: the price of never forming ``B d p``. Other
   layers get a dense block of their own.
 
-The output dims are split evenly across layers (factorized) or go to the one dense
-block (jl). ``Projector`` holds the layout; the engine's sources call it.
+The output dims are split evenly across layers, none given more than its gradient's size, and
+what a layer with an exact side cannot use goes to the others; the few columns left over stay
+zero (factorized). ``jl`` gives all of them to its one dense block. ``Projector`` holds the
+layout; the engine's sources call it.
 """
 from __future__ import annotations
 
@@ -159,6 +163,33 @@ class Unit:
         return 1.0 / math.sqrt(self.dim / exact)
 
 
+class _Layer:
+    """A module's selected parameters as one block of the factorized layout: a ``[p, d_aug]`` weight
+    matrix (Linear / Conv weight, bias as input column ``d``) or a dense block."""
+
+    def __init__(self, module: nn.Module, local: dict[str, str], selected: dict):
+        self.factorized = _factorizable(module, local)
+        self.names = [local[x] for x in ("weight", "bias") if x in local] if self.factorized else list(local.values())
+        self.cap = sum(selected[n].numel() for n in self.names)  # more columns than entries: pointless
+        if self.factorized:
+            w = selected[local["weight"]]
+            self.has_bias = "bias" in local
+            self.p, self.d_aug = w.shape[0], w[0].numel() + self.has_bias
+
+    def cols(self, share: int) -> int:
+        """Columns this layer fills given ``share`` (an exact side takes whole multiples of its size)."""
+        if not self.factorized or share == 0:
+            return share
+        k_g, k_a, id_g, id_a = factor_dims(share, self.p, self.d_aug)
+        return k_g * k_a if (id_g or id_a) else share
+
+    def flexible(self, share: int) -> bool:
+        """Whether it takes any number of further columns (dense, or both sides random)."""
+        if share >= self.cap:
+            return False
+        return not self.factorized or not any(factor_dims(max(share, 1), self.p, self.d_aug)[2:])
+
+
 def _factorizable(module: nn.Module, local: dict[str, str]) -> bool:
     """A Linear or Conv whose weight is selected (bias optional): a [p, d] weight matrix."""
     return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and "weight" in local \
@@ -186,66 +217,37 @@ class Projector:
             self._add(Unit("dense", list(selected), 0, dim, key=stream_key(seed, 0), rows=rows))
             self.used_dim = dim
             return
-        groups = _owner_groups(model, selected)
-        specs = []  # (module, local, names, factorizable, capacity)
-        for module, local in groups:
-            fac = _factorizable(module, local)
-            names = [local[x] for x in ("weight", "bias") if x in local] if fac else list(local.values())
-            specs.append((local, names, fac, sum(selected[n].numel() for n in names)))
-        caps = [c for *_, c in specs]
-        shares = _water_fill(dim, caps)
+        layers = [_Layer(module, local, selected) for module, local in _owner_groups(model, selected)]
+        shares = _water_fill(dim, [ly.cap for ly in layers])
         # a factorized layer with an exact side takes whole multiples of that side's size; what it
-        # leaves goes to layers that take any number (both sides random, or dense)
+        # leaves goes to layers that take any number of columns (both sides random, or dense)
         for _ in range(8):
-            used = [self._used(sh, sel, spec) for sh, sel, spec in zip(shares, [selected] * len(specs), specs)]
-            left = sum(sh - u for sh, u in zip(shares, used))
-            takers = [i for i, spec in enumerate(specs) if self._takes_any(shares[i], selected, spec)]
+            used = [ly.cols(sh) for ly, sh in zip(layers, shares)]
+            left = sum(shares) - sum(used)
+            takers = [i for i, ly in enumerate(layers) if ly.flexible(shares[i])]
             if not left or not takers:
                 break
-            extra = _water_fill(left, [caps[i] - used[i] for i in takers])
             shares = used
-            for i, e in zip(takers, extra):
-                shares[i] += e
+            for i, extra in zip(takers, _water_fill(left, [layers[i].cap - used[i] for i in takers])):
+                shares[i] += extra
         offset = 0
-        for i, ((local, names, fac, _), sh) in enumerate(zip(specs, shares)):
+        for i, (ly, sh) in enumerate(zip(layers, shares)):
             if sh == 0:
                 continue
-            if fac:
-                w = selected[local["weight"]]
-                p_, d_, hb = w.shape[0], w[0].numel(), "bias" in local
-                k_g, k_a, id_g, id_a = factor_dims(sh, p_, d_ + hb)
-                k = k_g * k_a if (id_g or id_a) else sh
-                u = Unit("factorized", names, offset, k, p=p_, d=d_, has_bias=hb, k_g=k_g, k_a=k_a,
-                         key_a=stream_key(seed, 2 * i + 1), key_g=stream_key(seed, 2 * i + 2), id_g=id_g, id_a=id_a)
+            if ly.factorized:
+                k_g, k_a, id_g, id_a = factor_dims(sh, ly.p, ly.d_aug)
+                u = Unit("factorized", ly.names, offset, ly.cols(sh), p=ly.p, d=ly.d_aug - ly.has_bias,
+                         has_bias=ly.has_bias, k_g=k_g, k_a=k_a, key_a=stream_key(seed, 2 * i + 1),
+                         key_g=stream_key(seed, 2 * i + 2), id_g=id_g, id_a=id_a)
             else:
                 rows, r0 = {}, 0
-                for n in names:
+                for n in ly.names:
                     rows[n], r0 = r0, r0 + selected[n].numel()
-                k = sh
-                u = Unit("dense", names, offset, k, key=stream_key(seed, 2 * i + 1), rows=rows)
+                u = Unit("dense", ly.names, offset, sh, key=stream_key(seed, 2 * i + 1), rows=rows)
             self._add(u)
-            offset += k
-        # columns no layer could fill exactly stay zero (a few: less than one exact side's size)
+            offset += u.dim
+        # columns no layer could fill exactly stay zero (fewer than one exact side's size)
         self.used_dim = offset
-
-    @staticmethod
-    def _used(share, selected, spec) -> int:
-        local, names, fac, cap = spec
-        if not fac or share == 0:
-            return share
-        w = selected[local["weight"]]
-        k_g, k_a, id_g, id_a = factor_dims(share, w.shape[0], w[0].numel() + ("bias" in local))
-        return k_g * k_a if (id_g or id_a) else share
-
-    @staticmethod
-    def _takes_any(share, selected, spec) -> bool:
-        local, names, fac, cap = spec
-        if share >= cap:
-            return False
-        if not fac:
-            return True
-        w = selected[local["weight"]]
-        return not any(factor_dims(max(share, 1), w.shape[0], w[0].numel() + ("bias" in local))[2:])
 
     def _add(self, unit: Unit):
         self.units.append(unit)

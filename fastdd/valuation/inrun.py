@@ -36,6 +36,9 @@ class InRunValuation:
             opt.step()                       # the same step a plain loss.backward() gives
         valuer.values                        # [n_train]: positive = lowered the validation loss
 
+    The validation rows go through the model in its current mode (with dropout in training
+    mode, their gradient is that of a dropped-out network, as the training rows' is).
+
     Args:
         model: the model being trained (no BatchNorm in training mode: samples would interact).
         X_val, y_val: validation data whose loss defines value.
