@@ -81,7 +81,8 @@ def _output_vectors(outputs: torch.Tensor, targets: torch.Tensor, loss_fn, fishe
         return [root[:, :, k] for k in range(root.shape[2])]
     if fisher == "sampled":
         probs = torch.softmax(out.double(), 1)
-        targets = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        # drawn on the CPU from a seeded generator (the same labels on every device)
+        targets = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(1).to(out.device)
     with torch.enable_grad():
         o = out.clone().requires_grad_(True)
         v, = torch.autograd.grad(loss_fn(o, targets).sum(), o)
