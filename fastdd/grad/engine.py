@@ -191,18 +191,20 @@ class _Capture:
         if not (self.active and torch.is_grad_enabled()):
             return None
         B = self.batch if self.batch is not None else _batch_size(args, kwargs)
-        leaves = tree_flatten(output)[0]
+        leaves = [output] if isinstance(output, torch.Tensor) else tree_flatten(output)[0]
         pos = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         if B is None or not pos:
             return None
         detach = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
         # a rule takes dim 0 of its input as the batch; a call that has it elsewhere (a
         # sequence-first Linear) goes to torch.func, which finds each tensor's batch dim
-        first = next((t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)), None)
+        in_leaves = list(args) if not kwargs and all(isinstance(a, torch.Tensor) for a in args) \
+            else tree_flatten((args, kwargs))[0]  # (the common case without a pytree walk)
+        first = next((t for t in in_leaves if isinstance(t, torch.Tensor)), None)
         use_rule = self.rules.get(module) is not None and first is not None and first.dim() > 0 and first.shape[0] == B
         input_nodes = set()
         if not use_rule:
-            for leaf in tree_flatten((args, kwargs))[0]:
+            for leaf in in_leaves:
                 if isinstance(leaf, torch.Tensor) and leaf.requires_grad:
                     input_nodes.add(get_gradient_edge(leaf).node)
         call = _Call(
