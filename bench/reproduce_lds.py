@@ -147,7 +147,9 @@ def write_table(res, out_dir, args):
              "5,000 training / 500 test images; LDS = mean over test images of the Spearman correlation between "
              "summed attributions over a random half of the training set and the margin of a model retrained on it "
              f"({args.subsets} halves; MLP margins averaged over {args.mlp_repeats} seeds per half). Targets in "
-             "the issue: LR influence >= 0.80; MLP TRAK or EK-FAC >= 0.45.", ""]
+             "the issue: LR influence >= 0.80; MLP TRAK or EK-FAC >= 0.45. Times: wall-clock of each method in this "
+             "run (other work shared the machine at times: indicative, not a benchmark; "
+             "`bench/bench_valuation_scale.py` times the scale workloads alone).", ""]
     for name in ("lr", "mlp"):
         rows = {k.split("/", 1)[1]: v for k, v in res.data.items() if k.startswith(name + "/") and isinstance(v, dict)}
         if not rows:

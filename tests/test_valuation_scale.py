@@ -241,7 +241,8 @@ def test_trak_scores_follow_their_formula_and_topk_matches_the_full_matrix():
     models = [nn.Sequential(nn.Linear(64, 12), nn.ReLU(), nn.Linear(12, 10)) for _ in range(2)]
     for k, m in enumerate(models):
         fastdd.train.train_model(m, X, y, epochs=5, seed=k)
-    trak = TRAK(models, dim=64, damping=0.5).fit(X, y)
+    assert TRAK(models, dim=64).kind == "jl"  # auto: the dense matrix (850 x 64) fits the cache
+    trak = TRAK(models, dim=64, damping=0.5, kind="factorized").fit(X, y)
     S = trak.scores(Xt, yt)
     want = 0
     Q = 0

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from .._checkpoint import fingerprint
+from .._chunking import budget_bytes
+from ..grad.engine import select_params
 from .._validate import as_labels, as_samples, check_nonnegative, check_positive_int
 from ..grad.api import per_sample_grad_projections
 from ..train import predict
@@ -32,8 +34,12 @@ class TRAK:
         models: a trained ``nn.Module`` or a sequence of them (an ensemble: independently
             trained models, or checkpoints of one run); put them in eval mode.
         dim: projection dimension (per model).
-        kind: ``"factorized"`` (LoGra-style per-layer projections, fast on a CPU) or ``"jl"``
-            (one dense projection of the whole gradient, TRAK's own; ``B x P x dim`` flops).
+        kind: ``"jl"`` (one dense projection of the whole gradient, TRAK's own; ``B x P x dim``
+            flops), ``"factorized"`` (LoGra-style per-layer projections: far cheaper, noisier at the
+            same dim), or ``"auto"`` (default): jl on a GPU, or where the dense matrix fits the
+            projection cache (four chunk budgets, 1 GB by default: the MNIST MLP at dim 2048),
+            else factorized. Measured on MNIST-MLP (10 models, dim 2048): LDS 0.585 (jl, 124 s)
+            vs 0.462 (factorized, 7 s).
         damping: ``lambda`` in ``(Phi^T Phi + lambda I)^-1``; ``None``: 0.1 times the mean
             eigenvalue of ``Phi^T Phi`` (its mean diagonal; kronfluence's heuristic), which keeps
             the solve well posed when dim nears n.
@@ -47,13 +53,21 @@ class TRAK:
     >>> values, index = trak.scores(X_test, y_test, topk=10)  # [10, n_test] each, never n_train x n_test
     """
 
-    def __init__(self, models, dim: int = 2048, kind: str = "factorized", damping: float | None = None,
+    def __init__(self, models, dim: int = 2048, kind: str = "auto", damping: float | None = None,
                  batch_size: int = 256, seed: int = 0, params=None, store: str | None = None, progress: bool = False):
         models = [models] if isinstance(models, nn.Module) else list(models)
         if not models or not all(isinstance(m, nn.Module) for m in models):
             raise ValueError("models must be an nn.Module or a non-empty sequence of them")
         self.models = models
-        self.dim, self.kind, self.seed, self.params = check_positive_int(dim, "dim"), kind, int(seed), params
+        self.dim, self.seed, self.params = check_positive_int(dim, "dim"), int(seed), params
+        if kind not in ("auto", "jl", "factorized"):
+            raise ValueError(f"kind must be 'auto', 'jl' or 'factorized', got {kind!r}")
+        if kind == "auto":
+            named = select_params(models[0], params)
+            numel = sum(p.numel() for p in named.values())
+            on_gpu = next(iter(named.values())).is_cuda
+            kind = "jl" if on_gpu or numel * self.dim * 4 <= 4 * budget_bytes() else "factorized"
+        self.kind = kind
         self.damping = None if damping is None else check_nonnegative(damping, "damping")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.store, self.progress = store, progress
