@@ -258,6 +258,10 @@ def valuation_section(args, data) -> str:
         "",
         "![point removal](valuation_removal.png)",
     ]
+    mnist = latest_measured(args.out, os.path.join("lds", "README.md"))
+    if mnist:
+        lines += ["", "On real MNIST (5,000 training images, logistic regression and an MLP of 101,770 parameters): "
+                      f"the linear datamodeling score of every attribution method in [the latest reproduction]({mnist})."]
     with open(os.path.join(args.out, "valuation.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("valuation AUCs:", {k: round(v, 3) for k, v in aucs.items()})
