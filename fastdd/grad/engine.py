@@ -387,14 +387,14 @@ class _RuleSource:
         if A.shape[1] != 1:
             return None
         A, G = acc(A[:, 0]), acc(G[:, 0])
-        w = weights.to(G.dtype)
-        K = G[:n] @ G[n:].T  # [n, m]
-        total = G.new_zeros(n)
-        if "weight" in self.names:
-            total += (K * (A[:n] @ A[n:].T)) @ w
-        if "bias" in self.names:
-            total += K @ w
-        return total * self.scale ** 2
+        w = weights.to(G.dtype) * self.scale ** 2
+        K = G[:n] @ G[n:].T  # [n, m]: g_i . g_j
+        if "weight" in self.names:  # (a_i . a_j + 1)(g_i . g_j): weight and bias at once
+            Ka = A[:n] @ A[n:].T
+            if "bias" in self.names:
+                Ka += 1.0
+            K *= Ka
+        return K @ w
 
     def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
@@ -413,10 +413,8 @@ class _RuleSource:
         with torch.no_grad():
             if self.formed is not None:
                 return {f: acc(t[rows]).sum(0) * (factor * self.scale) for f, t in self.formed.items()}
-            res = self._pick(self.rule.batch_sum(self.call.module, self.call.x[rows], self.g[rows], chunk_size))
-            for t in res.values():
-                t.mul_(factor * self.scale)
-            return res
+            return self._pick(self.rule.batch_sum(self.call.module, self.call.x[rows], self.g[rows], chunk_size,
+                                                  scale=factor * self.scale))
 
 
 def _fits(numel: int, dtype: torch.dtype) -> bool:

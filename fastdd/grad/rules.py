@@ -52,12 +52,12 @@ class Rule:
         """Whether ``sq_norms`` forms the per-sample gradients (so a clipped sum may reuse them)."""
         return True
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None) -> dict[str, torch.Tensor]:
-        """The sum over the batch of the per-sample gradients (with ``g`` reweighted per sample
-        by the caller, a clipped gradient), in the accumulation dtype; ``out`` may offer tensors
-        ``{name: shape of the parameter}`` to write into (rules that can, do)."""
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        """``scale`` times the sum over the batch of the per-sample gradients (with ``g`` reweighted
+        per sample by the caller, a clipped gradient), in the accumulation dtype; ``out`` may offer
+        tensors ``{name: shape of the parameter}`` to write into (rules that can, do)."""
         one_class = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        return {k: v[0] for k, v in self.class_sums(m, x, g, one_class, 1, chunk_size).items()}
+        return {k: v[0] * scale for k, v in self.class_sums(m, x, g, one_class, 1, chunk_size).items()}
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
         out = {}
@@ -112,18 +112,19 @@ class LinearRule(Rule):
         A, _ = self._btd(m, x, g)
         return A.shape[1] > 1 and not gram_is_cheaper(A.shape[1], m.in_features, m.out_features)
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None):
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0):
         # one GEMM over all (sample, t) rows, as the layer's own weight gradient (into out's .grad
-        # where it is offered in the accumulation dtype: no second weight-sized tensor)
+        # where it is offered in the accumulation dtype: no second weight-sized tensor), scaled by
+        # the GEMM itself (alpha) rather than a pass over its result
         A, G = self._btd(m, x, g)
         A, G = acc(A.reshape(-1, m.in_features)), acc(G.reshape(-1, m.out_features))
         buf = None if out is None else out.get("weight")
         if buf is not None and buf.dtype == A.dtype and buf.is_contiguous():
-            res = {"weight": torch.mm(G.T, A, out=buf)}
+            res = {"weight": torch.addmm(buf, G.T, A, beta=0, alpha=scale, out=buf)}
         else:
-            res = {"weight": G.T @ A}
+            res = {"weight": torch.addmm(G.new_zeros(()), G.T, A, beta=0, alpha=scale)}
         if m.bias is not None:
-            res["bias"] = G.sum(0)
+            res["bias"] = G.sum(0) if scale == 1.0 else G.sum(0).mul_(scale)
         return res
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
@@ -235,11 +236,14 @@ class ConvRule(Rule):
         L, dg, pg = g[0, 0].numel(), m.weight[0].numel(), m.out_channels // m.groups
         return not gram_is_cheaper(L, dg, pg) and not per_sample_conv._use_kernel(x, g, m.groups)
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None):
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0):
         # one convolution backward for the weight, as the layer's own weight gradient
         res = {"weight": acc(_conv_weight_grad(m, x, g, groups_per_sample=False))}
         if m.bias is not None:
             res["bias"] = acc(g.flatten(2)).sum((0, 2))
+        if scale != 1.0:
+            for t in res.values():
+                t.mul_(scale)
         return res
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
