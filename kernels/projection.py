@@ -50,6 +50,20 @@ def _side(key, o_r, o_c, IDENTITY: tl.constexpr):
 
 
 @triton.jit
+def _projected_rows(ptr, i_b, o_t, m_t, n, s_b, s_t, s_c, key, o_k, IDENTITY: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows ``o_t`` of sample ``i_b`` of a ``[B, T, n]`` tensor times columns ``o_k`` of one side's
+    projection ``[n, k]``: an fp32 ``[BLOCK_T, BLOCK_K]`` block."""
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    for c0 in range(0, n, BLOCK_C):
+        o_c = c0 + tl.arange(0, BLOCK_C)
+        b_x = tl.load(ptr + i_b * s_b + o_t[:, None] * s_t + o_c[None, :] * s_c,
+                      mask=m_t[:, None] & (o_c < n)[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(b_x, _side(key, o_c, o_k, IDENTITY), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def jl_linear_kernel(
     a_ptr,  # A [B, T, d], any strides
     g_ptr,  # G [B, T, p], any strides
@@ -118,21 +132,13 @@ def factorized_linear_kernel(
     for t0 in range(0, T, BLOCK_T):
         o_t = t0 + tl.arange(0, BLOCK_T)
         m_t = o_t < T
-        b_ap = tl.zeros((BLOCK_T, BLOCK_KA), dtype=tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            o_d = d0 + tl.arange(0, BLOCK_D)
-            b_a = tl.load(a_ptr + i_b * s_ab + o_t[:, None] * s_at + o_d[None, :] * s_ad,
-                          mask=m_t[:, None] & (o_d < d)[None, :], other=0.0).to(tl.float32)
-            b_ap = tl.dot(b_a, _side(ukey_a, o_d, o_ka, ID_A), b_ap, input_precision=PRECISION)
+        b_ap = _projected_rows(a_ptr, i_b, o_t, m_t, d, s_ab, s_at, s_ad, ukey_a, o_ka, ID_A,
+                               BLOCK_T, BLOCK_D, BLOCK_KA, PRECISION)
         if HAS_BIAS:  # the bias is input column d, a column of ones
             b_one = _side(ukey_a, d + tl.arange(0, 1), o_ka, ID_A)  # [1, BLOCK_KA]
             b_ap += tl.where(m_t[:, None], b_one, 0.0)
-        b_gp = tl.zeros((BLOCK_T, BLOCK_KG), dtype=tl.float32)
-        for q0 in range(0, p, BLOCK_D):
-            o_q = q0 + tl.arange(0, BLOCK_D)
-            b_g = tl.load(g_ptr + i_b * s_gb + o_t[:, None] * s_gt + o_q[None, :] * s_gp,
-                          mask=m_t[:, None] & (o_q < p)[None, :], other=0.0).to(tl.float32)
-            b_gp = tl.dot(b_g, _side(ukey_g, o_q, o_kg, ID_G), b_gp, input_precision=PRECISION)
+        b_gp = _projected_rows(g_ptr, i_b, o_t, m_t, p, s_gb, s_gt, s_gp, ukey_g, o_kg, ID_G,
+                               BLOCK_T, BLOCK_D, BLOCK_KG, PRECISION)
         acc = tl.dot(tl.trans(b_gp), b_ap, acc, input_precision=PRECISION)
     cols = o_kg[:, None] * k_a + o_ka[None, :]
     m = (o_kg < k_g)[:, None] & (o_ka < k_a)[None, :] & (cols < dim)
