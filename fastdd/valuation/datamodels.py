@@ -136,7 +136,7 @@ class SubsetTrainer:
         models = self._models(seeds)
         params, buffers = stack_module_state(models)
         base = copy.deepcopy(models[0]).to("meta")
-        w = masks.to(X.dtype)
+        w = masks.to(X.device, X.dtype)
 
         def loss(p, b, xb, yb, wb):
             out = functional_call(base, (p, b), (xb,))

@@ -109,8 +109,8 @@ class TRAK:
             self.inverses.append(torch.cholesky_inverse(L))
             self.features.append(Phi)
             with torch.no_grad():
-                p = torch.softmax(predict(model, X).double(), 1).gather(1, y[:, None]).squeeze(1)
-            Q += 1 - p
+                p = torch.softmax(predict(model, X).double(), 1).gather(1, y[:, None].to(X.device)).squeeze(1)
+            Q += 1 - p.cpu()
         self.Q = Q / len(self.models)
         return self
 
