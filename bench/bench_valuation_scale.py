@@ -8,7 +8,7 @@ EK-FAC influence of the DC ConvNet.
   MNIST MLP (784-128-10, 101,770 parameters) into a memory-mapped GradientStore, timed, with the
   process's peak RSS; beside it materialize-then-project (per-sample gradients times a dense
   matrix, TRAK's CPU path) and torch.func vmap + project, timed on 2,048 images.
-- inrun: a training step of the MLP 784-512-256-10 and of the MNIST MLP (B = 256) with
+- inrun: a training step of the MLP 784-512-256-10 and of the MNIST MLP (B = 256 and 1024) with
   ``InRunValuation.backward`` (32 validation rows) against a plain step (forward, backward,
   optimizer step), medians of interleaved runs.
 - ekfac: ``InfluenceFunction(hessian="ekfac")`` of the DC ConvNet (width 128, depth 3, 28x28,
@@ -19,6 +19,7 @@ Each section runs in a fresh process (its own peak RSS). Run it alone on the mac
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -107,7 +108,8 @@ def section_inrun(args):
 
     X, y, Xv, yv = mnist(args.dataset)
     rows = []
-    for name, sizes in (("MLP 784-512-256-10", (784, 512, 256, 10)), ("MNIST MLP 784-128-10", (784, 128, 10))):
+    for (name, sizes), B in itertools.product((("MLP 784-512-256-10", (784, 512, 256, 10)),
+                                               ("MNIST MLP 784-128-10", (784, 128, 10))), (256, 1024)):
         torch.manual_seed(0)
         layers = []
         for a, b in zip(sizes[:-1], sizes[1:]):
@@ -115,7 +117,6 @@ def section_inrun(args):
         model = nn.Sequential(*layers[:-1])
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         valuer = InRunValuation(model, Xv[:1000], yv[:1000], n_train=len(y), val_batch_size=32)
-        B = 256
         gen = torch.Generator().manual_seed(0)
 
         def plain():
@@ -215,11 +216,11 @@ def main(argv=None):
                   f"| 2,048 images: fastdd per-sample gradients, then a dense projection held in memory (1.7 GB) | {r['t_mat_2048']:.2f} s |",
                   f"| 2,048 images: torch.func vmap gradients, then the same dense projection | {r['t_vmap_2048']:.2f} s |", ""]
     if "inrun" in results:
-        lines += ["## In-run valuation: a training step with InRunValuation.backward vs a plain step (B = 256, "
-                  f"32 validation rows, medians of {args.repeat} interleaved steps, steady malloc)", "", "| model | plain step (ms) | with in-run valuation (ms) | overhead |",
-                  "|---|---|---|---|"]
+        lines += ["## In-run valuation: a training step with InRunValuation.backward vs a plain step (32 validation "
+                  f"rows, medians of {args.repeat} interleaved steps, steady malloc)", "",
+                  "| model | B | plain step (ms) | with in-run valuation (ms) | overhead |", "|---|---|---|---|---|"]
         for r in results["inrun"]:
-            lines.append(f"| {r['model']} | {r['plain_ms']:.2f} | {r['inrun_ms']:.2f} | "
+            lines.append(f"| {r['model']} | {r['B']} | {r['plain_ms']:.2f} | {r['inrun_ms']:.2f} | "
                          f"{100 * (r['inrun_ms'] / r['plain_ms'] - 1):+.0f}% |")
         lines.append("")
     if "ekfac" in results:

@@ -46,8 +46,8 @@ class InRunValuation:
         loss_fn: ``loss_fn(outputs, targets) -> [B]`` per-sample losses (default cross-entropy);
             the training loss is their mean, as ``F.cross_entropy`` gives.
         val_batch_size: validation rows appended to each step: all of them when the set is at
-            most this size, else a fresh random batch per step (an unbiased estimate of the full
-            validation gradient; the overhead grows with it).
+            most this size, else a fresh random batch per step, drawn with replacement (an unbiased
+            estimate of the full validation gradient; the overhead grows with it).
     """
 
     def __init__(self, model: nn.Module, X_val, y_val, n_train: int, loss_fn: Callable | None = None,
@@ -62,12 +62,14 @@ class InRunValuation:
         self.values = torch.zeros(self.n_train, dtype=torch.float64)
         self.steps = 0
         self._gen = torch.Generator().manual_seed(seed)
+        self._capture = _Capture(model, self.selected, grad_hooks=False)  # hooks go on for each step only
 
     def _val_batch(self):
         n = len(self.X_val)
         if n <= self.val_batch_size:
             return self.X_val, self.y_val
-        rows = torch.randperm(n, generator=self._gen)[:self.val_batch_size].to(self.X_val.device)
+        # drawn with replacement: an unbiased estimate of the full validation gradient either way
+        rows = torch.randint(0, n, (self.val_batch_size,), generator=self._gen).to(self.X_val.device)
         return self.X_val[rows], self.y_val[rows]
 
     def backward(self, inputs: torch.Tensor, targets: torch.Tensor, indices, lr: float) -> torch.Tensor:
@@ -87,7 +89,9 @@ class InRunValuation:
         x = torch.cat([inputs, xv.to(inputs.dtype)])
         t = torch.cat([targets, yv.to(targets.device, targets.dtype)])
         m = len(xv)
-        with _Capture(self.model, self.selected, grad_hooks=False) as cap, torch.enable_grad():
+        cap = self._capture
+        cap.clear()
+        with cap, torch.enable_grad():
             cap.check_batch_statistics()
             losses = _per_sample_losses(self.loss_fn, self.model(x), t, B + m)
             cap.backward(losses.sum())
@@ -98,5 +102,6 @@ class InRunValuation:
             p.grad = g if p.grad is None else p.grad.add_(g)
         dots = engine.cross_dots(B, torch.full((m,), 1.0 / m, dtype=engine.acc, device=losses.device))
         self.values.index_add_(0, indices.cpu(), float(lr) * dots.detach().double().cpu())
+        cap.clear()  # let go of the step's activations
         self.steps += 1
         return losses[:B].detach().mean()
