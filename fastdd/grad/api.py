@@ -201,7 +201,13 @@ def per_sample_grad_dots(model: nn.Module, inputs, targets: torch.Tensor, vector
     return engine.dots(vectors, chunk_size)
 
 
-_PROJECTORS: dict = {}  # the last few projectors by layout: their generated matrices are reused
+_PROJECTORS: dict = {}  # the last two projectors by layout: their generated matrices are reused
+
+
+def release_projections() -> None:
+    """Drop the cached projectors and the matrices they generated (a dense JL matrix can hold up to
+    four chunk budgets, 1 GB by default); the next call regenerates what it needs."""
+    _PROJECTORS.clear()
 
 
 def projector_for(model: nn.Module, selected: dict, dim, kind: str = "factorized", seed=0):
@@ -225,7 +231,7 @@ def projector_for(model: nn.Module, selected: dict, dim, kind: str = "factorized
     proj = _PROJECTORS.get(key)
     if proj is None:
         proj = Projector(model, selected, int(dim), kind, int(seed))
-        if len(_PROJECTORS) >= 4:
+        if len(_PROJECTORS) >= 2:
             _PROJECTORS.pop(next(iter(_PROJECTORS)))
         _PROJECTORS[key] = proj
     return proj

@@ -66,8 +66,12 @@ def take(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def release() -> None:
-    """Free the memory the pool keeps (results still held by callers stay valid)."""
+    """Free the memory the pool keeps (results still held by callers stay valid), and the
+    projection matrices cached for ``per_sample_grad_projections``."""
     _pool.clear()
+    from .api import release_projections
+
+    release_projections()
 
 
 def pooled_bytes() -> int:
