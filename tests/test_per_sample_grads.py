@@ -392,3 +392,14 @@ def test_engine_on_gpu(monkeypatch, backend, net):
         assert_close(got[n], expected[n], atol=1e-5 * scale, rtol=1e-3, name=n)
     norms = fastdd.per_sample_grad_norms(model, x, y)
     assert_close(norms.double(), flat_sq_norms(expected).sqrt(), atol=1e-4, rtol=1e-3, name="norms")
+
+
+@pytest.mark.parametrize("case", ["convnet8", "conv_groups_stride_dilation", "conv1d"])
+def test_dots_with_one_vector_through_the_convolution(case):
+    # K = 1 takes the conv path: <G_i^T A_i, V> as the layer's convolution with V, times g_i
+    model, x, y, loss = build(case)
+    grads = oracle(model, x, y, loss)
+    vectors = {n: torch.randn(1, *g.shape[1:]) for n, g in grads.items()}
+    expected = sum(g.flatten(1).double() @ vectors[n].flatten(1).double().T for n, g in grads.items())
+    got = fastdd.per_sample_grad_dots(model, x, y, vectors, loss_fn=loss)
+    assert_close(got, expected, atol=1e-4, rtol=1e-4, name=case)

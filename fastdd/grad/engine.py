@@ -781,8 +781,12 @@ class _Engine:
                 total += part
         if pending:  # V = sum_j w_j g_{n+j} over every use, then <g_i, V> over every use
             V: dict = {}
+            m = len(weights)
+            uniform = bool((weights == weights[0]).all())  # (in-run valuation's mean): the m rows alone
             for src in self._distinct_sources(pending):
-                for f, t in src.weighted_sums(full_w, chunk_size).items():
+                part = src.row_sums(slice(n, n + m), float(weights[0]), chunk_size) if uniform \
+                    else src.weighted_sums(full_w, chunk_size)
+                for f, t in part.items():
                     if f in pending:
                         V[f] = t if f not in V else V[f] + t
             vectors = {f: v.unsqueeze(0) for f, v in V.items()}

@@ -236,6 +236,23 @@ class ConvRule(Rule):
         L, dg, pg = g[0, 0].numel(), m.weight[0].numel(), m.out_channels // m.groups
         return not gram_is_cheaper(L, dg, pg) and not per_sample_conv._use_kernel(x, g, m.groups)
 
+    def dots(self, m, x, g, vectors, chunk_size=None):
+        # one vector: <G_i^T A_i, V> = sum over output positions of g_i * conv(x_i, V), the layer's
+        # own convolution with V as its weight (B L d p flops, as materializing, without [B, *shape]);
+        # several vectors: materialize a chunk once and take K dots (K convolutions would cost K x)
+        V = vectors.get("weight")
+        if V is not None and V.shape[0] != 1:
+            return super().dots(m, x, g, vectors, chunk_size)
+        total = 0
+        if V is not None:
+            xp, padding = _conv_padding(m, x)
+            conv = F.conv1d if x.dim() == 3 else F.conv2d
+            out = conv(acc(xp), acc(V[0]), None, m.stride, padding, m.dilation, m.groups)
+            total = (out * acc(g)).flatten(1).sum(1, keepdim=True)
+        if "bias" in vectors:
+            total = total + acc(g.flatten(2)).sum(2) @ acc(vectors["bias"]).T
+        return total
+
     def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0):
         # one convolution backward for the weight, as the layer's own weight gradient
         res = {"weight": acc(_conv_weight_grad(m, x, g, groups_per_sample=False))}
