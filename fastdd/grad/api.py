@@ -214,35 +214,28 @@ def projector_for(model: nn.Module, selected: dict, dim, kind: str = "factorized
     """The :class:`~fastdd.grad.projection.Projector` of ``selected`` parameters (validated
     arguments; the same object for the same layout, kind, dim and seed, so matrices it generated
     are reused across calls)."""
-    from .projection import KINDS, Projector
+    from .._validate import check_positive_int
+    from .projection import KINDS, Projector, _owner_groups
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim < 1:
-        raise ValueError(f"dim must be a positive int, got {dim!r}")
+    dim = check_positive_int(dim, "dim")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     numel = sum(p.numel() for p in selected.values())
     if dim >= numel:
         raise ValueError(f"dim={dim} is not smaller than the gradient's size ({numel} parameters): a projection "
                          "would only add noise and cost; use per_sample_grads and flatten them")
-    layout = tuple((n, tuple(p.shape), type(m).__name__) for n, p, m in _owners(model, selected))
-    key = (layout, int(dim), kind, int(seed))
+    layout = tuple((n, tuple(selected[n].shape), type(m).__name__)
+                   for m, local in _owner_groups(model, selected) for n in local.values())
+    key = (layout, dim, kind, int(seed))
     proj = _PROJECTORS.get(key)
     if proj is None:
-        proj = Projector(model, selected, int(dim), kind, int(seed))
+        proj = Projector(model, selected, dim, kind, int(seed))
         if len(_PROJECTORS) >= 2:
             _PROJECTORS.pop(next(iter(_PROJECTORS)))
         _PROJECTORS[key] = proj
     return proj
-
-
-def _owners(model, selected):
-    ids = {id(p): n for n, p in selected.items()}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            if id(p) in ids:
-                yield ids[id(p)], p, m
 
 
 def per_sample_grad_projections(model: nn.Module, inputs, targets: torch.Tensor, dim: int,

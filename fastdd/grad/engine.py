@@ -770,7 +770,6 @@ class _Engine:
         always: their uses' cross terms count)."""
         device = next(iter(self.selected.values())).device
         total = torch.zeros(n, dtype=self.acc, device=device)
-        full_w = torch.cat([weights.new_zeros(n), weights])
         pending = set()
         for src in self._distinct_sources(self.sources):
             single = all(len(self.sources[f]) == 1 for f in _served(src))
@@ -783,6 +782,7 @@ class _Engine:
             V: dict = {}
             m = len(weights)
             uniform = bool((weights == weights[0]).all())  # (in-run valuation's mean): the m rows alone
+            full_w = None if uniform else torch.cat([weights.new_zeros(n), weights])
             for src in self._distinct_sources(pending):
                 part = src.row_sums(slice(n, n + m), float(weights[0]), chunk_size) if uniform \
                     else src.weighted_sums(full_w, chunk_size)

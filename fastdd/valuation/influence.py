@@ -145,13 +145,14 @@ class InfluenceFunction:
         """Restrict the parameters to Linear/Conv2d layers (warn or refuse about the rest) and fit
         their K-FAC / EK-FAC factors over all training batches."""
         names = {id(p): n for n, p in self.flat.named.items()}
-        modules, left_out = {}, []
+        modules, kept, left_out = {}, set(), []
         for mname, m in self.model.named_modules():
             own = [names[id(p)] for p in m.parameters(recurse=False) if id(p) in names]
             if not own:
                 continue
             if ekfac.supported(m):
                 modules[mname] = m
+                kept.update(own)
             else:
                 left_out.append(f"'{mname}' ({type(m).__name__}: {', '.join(own)})")
         if left_out:
@@ -161,36 +162,28 @@ class InfluenceFunction:
                 raise ValueError(msg + ("" if modules else "; no supported layer is left") +
                                  ("; select supported parameters with params=[...]" if modules else ""))
             warnings.warn(msg + "; their parameters are left out of the scores (strict=True refuses)", stacklevel=3)
-        kept = [n for mname, m in modules.items() for n, p in self.model.named_parameters()
-                if any(p is q for q in m.parameters(recurse=False)) and n in self.flat.named]
-        self.flat = FlatParams(self.model, [n for n in self.flat.names if n in set(kept)])
+        self.flat = FlatParams(self.model, [n for n in self.flat.names if n in kept])
         self.factors = ekfac.fit_factors(self.model, self.data, self.loss_fn, modules, self.fisher,
                                          correct=self.hessian == "ekfac", damping=self.damping_arg,
                                          seed=self.seed, dtype=self.dtype, progress=self.progress)
         self.damping = self.damping_arg
-        offsets, o = {}, 0
-        for n, size in zip(self.flat.names, self.flat.sizes):
-            offsets[n] = (o, o + size)
-            o += size
-        self._offsets = offsets
 
     def _kronecker_solve(self, V: torch.Tensor) -> torch.Tensor:
-        """The block-diagonal K-FAC / EK-FAC inverse applied to ``V [P, K]``."""
-        X = torch.empty_like(V)
+        """The block-diagonal K-FAC / EK-FAC inverse applied to ``V [P, K]`` (every selected
+        parameter belongs to one layer's factors)."""
+        parts = self.flat.unflatten(V.T)  # {name: [K, *shape]}
         K = V.shape[1]
+        out = {}
         for f in self.factors:
-            w0, w1 = self._offsets[f.weight]
-            p = f.Q_G.shape[0]
-            W = V[w0:w1].T.reshape(K, p, -1).to(f.Q_A.dtype)
+            W = parts[f.weight].reshape(K, f.Q_G.shape[0], -1).to(f.Q_A.dtype)
             if f.bias is not None:
-                b0, b1 = self._offsets[f.bias]
-                W = torch.cat([W, V[b0:b1].T.unsqueeze(2).to(W.dtype)], 2)
+                W = torch.cat([W, parts[f.bias].unsqueeze(2).to(W.dtype)], 2)
             R = f.inverse_product(W)
             if f.bias is not None:
-                X[b0:b1] = R[:, :, -1].T.to(X.dtype)
+                out[f.bias] = R[:, :, -1]
                 R = R[:, :, :-1]
-            X[w0:w1] = R.reshape(K, -1).T.to(X.dtype)
-        return X
+            out[f.weight] = R
+        return self.flat.flatten(out, lead=1).T.to(V.dtype)
 
     def _check_fitted(self):
         if self.data is None:
