@@ -143,6 +143,7 @@ def test_ekfac_and_trak_beat_the_gradient_dot_product(digits_lr):
     ek = InfluenceFunction(model, hessian="ekfac").fit(X, y).scores(Xt, yt, test_fn=margin_fn)
     assert lds(ek, targets.subsets, targets.outputs).mean > max(0.75, dot + 0.2)
     trak = TRAK(model, dim=256, kind="jl").fit(X, y).scores(Xt, yt)
+    assert trak.dtype == torch.float64  # a float64 model keeps float64 features and scores
     assert lds(trak, targets.subsets, targets.outputs).mean > dot + 0.15
 
 

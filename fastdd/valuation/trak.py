@@ -45,7 +45,8 @@ class TRAK:
             the solve well posed when dim nears n.
         batch_size: samples per engine call.
         store: a path prefix: model m's training features go to ``<store>.<m>.npy`` (memory
-            mapped, resumable; see :class:`GradientStore`). Default: in memory.
+            mapped, resumable, float32; see :class:`GradientStore`). Default: in memory, in the
+            model's precision (float64 models keep float64 features and scores).
         progress: a progress bar over training batches.
 
     >>> trak = TRAK([model], dim=1024).fit(X_train, y_train)
@@ -68,6 +69,8 @@ class TRAK:
             on_gpu = next(iter(named.values())).is_cuda
             kind = "jl" if on_gpu or numel * self.dim * 4 <= 4 * budget_bytes() else "factorized"
         self.kind = kind
+        first = next(iter(select_params(models[0], params).values()))
+        self.dtype = torch.float64 if first.dtype == torch.float64 else torch.float32  # of features and scores
         self.damping = None if damping is None else check_nonnegative(damping, "damping")
         self.batch_size = check_positive_int(batch_size, "batch_size")
         self.store, self.progress = store, progress
@@ -75,10 +78,11 @@ class TRAK:
         self.inverses: list[torch.Tensor] = []
         self.Q: torch.Tensor | None = None
 
-    def _features(self, model, X, y, rows=None, desc=None) -> torch.Tensor:
-        """Projected margin gradients ``[n, dim]`` of ``X`` under ``model`` (batch by batch)."""
+    def _features(self, model, X, y, desc=None) -> torch.Tensor:
+        """Projected margin gradients ``[n, dim]`` of ``X`` under ``model`` (batch by batch), in the
+        model's accumulation dtype (float64 models: float64)."""
         n = len(y)
-        out = torch.empty(n, self.dim, dtype=torch.float32)
+        out = torch.empty(n, self.dim, dtype=self.dtype)
         it = range(0, n, self.batch_size)
         if desc and self.progress:
             from tqdm import tqdm
@@ -87,7 +91,7 @@ class TRAK:
         for s in it:
             out[s:s + self.batch_size] = per_sample_grad_projections(
                 model, X[s:s + self.batch_size], y[s:s + self.batch_size], self.dim, self.kind, self.seed,
-                loss_fn=margin_fn, params=self.params).float()
+                loss_fn=margin_fn, params=self.params).to(self.dtype)
         return out
 
     def fit(self, X, y) -> "TRAK":
@@ -143,21 +147,21 @@ class TRAK:
         # per model: W_m = (Phi^T Phi + lambda)^-1 phi_test^T  [dim, n_test]
         W = [Kinv @ self._features(model, X_test, y_test).double().T for model, Kinv in zip(self.models, self.inverses)]
         n_test = len(y_test)
-        full = None if topk else torch.empty(self.n, n_test, dtype=torch.float32)
+        full = None if topk else torch.empty(self.n, n_test, dtype=self.dtype)
         best_v = best_i = None
         for s in range(0, self.n, train_tile):
             e = min(self.n, s + train_tile)
             tile = sum(_rows(Phi, s, e) @ Wm for Phi, Wm in zip(self.features, W))
             tile = tile / len(self.models) * self.Q[s:e, None]
             if full is not None:
-                full[s:e] = tile.float()
+                full[s:e] = tile.to(self.dtype)
                 continue
             idx = torch.arange(s, e).unsqueeze(1).expand(-1, n_test)
             cand_v = tile if best_v is None else torch.cat([best_v, tile])
             cand_i = idx if best_i is None else torch.cat([best_i, idx])
             top = cand_v.topk(min(topk, len(cand_v)), dim=0)
             best_v, best_i = top.values, cand_i.gather(0, top.indices)
-        return full if topk is None else (best_v.float(), best_i)
+        return full if topk is None else (best_v.to(self.dtype), best_i)
 
 
 def _gram(Phi) -> torch.Tensor:
