@@ -169,7 +169,8 @@ def cmd_distill(args) -> None:
     print(f"wrote {len(syn.images)} synthetic images ({args.ipc} per class, {args.method}) to {args.out}")
     if args.evaluate:
         mean, std = evaluate(syn, data.X_test.float(), data.y_test, model=args.model,
-                             n_models=args.evaluate, seed=args.seed, model_options=options["model_options"])
+                             n_models=args.evaluate, epochs=args.eval_epochs, seed=args.seed,
+                             model_options=options["model_options"])
         print(f"test accuracy of {args.evaluate} fresh {args.model}s trained on it: {100 * mean:.1f} ± {100 * std:.1f}%")
 
 
@@ -329,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mtt: recompute student steps in the backward (memory of one step, same result)")
     p.add_argument("--evaluate", type=_count(0), default=0, metavar="N",
                    help="then train N fresh models on the synthetic set and report test accuracy (0: skip)")
+    p.add_argument("--eval-epochs", type=_count(1), default=None, metavar="E",
+                   help="epochs of each --evaluate model (default: the papers' rule, 1000 with the method's "
+                        "augmentation, 300 without)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="options",
                    help="a method option, repeatable (e.g. --set lr_img=0.01 --set inner_steps=20); values are "
                         "Python literals, else strings; each method's options are listed below")

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from conftest import assert_close
 from fastdd.data import load_digits
-from fastdd.distill import DSA, evaluate, herding_subset, kmeans_subset, random_subset
+from fastdd.distill import DSA, AugParams, DCAugment, evaluate, herding_subset, kmeans_subset, random_subset
 from fastdd.distill.augment import FAMILIES
 
 
@@ -430,3 +430,75 @@ def test_synthetic_class_grads_batched_equals_per_class_loop(norm):
     (g_batched,) = torch.autograd.grad((batched * w).sum(), images)
     (g_loop,) = torch.autograd.grad((loop * w).sum(), images)
     assert_close(g_batched, g_loop, atol=1e-5, rtol=1e-4, name="image gradients")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dsa_per_image_draws_equal_the_shared_draw_image_by_image(family):
+    # augment() (evaluation batches) draws each image's parameters; one image's result is apply()
+    # of that image's draw, so the per-image path is the tested siamese transform, vectorized
+    dsa = DSA(strategy=family)
+    x = torch.randn(6, 3, 10, 10, dtype=torch.float64)
+    out = dsa.augment(x, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    fam = dsa.families[int(torch.randint(len(dsa.families), (1,), generator=gen))]
+    u = torch.rand(4, 6, generator=gen, dtype=torch.float64)
+    for i in range(6):
+        values = {"color": {"brightness": (u[0, i] - 0.5) * dsa.brightness, "saturation": u[1, i] * dsa.saturation,
+                            "contrast": u[2, i] + dsa.contrast},
+                  "crop": {"dx": (u[0, i] * 2 - 1) * dsa.crop, "dy": (u[1, i] * 2 - 1) * dsa.crop},
+                  "cutout": {"cx": u[0, i], "cy": u[1, i], "size": dsa.cutout},
+                  "flip": {"flip": bool(u[0, i] < dsa.flip)},
+                  "scale": {"sx": 1 / dsa.scale + u[0, i] * (dsa.scale - 1 / dsa.scale),
+                            "sy": 1 / dsa.scale + u[1, i] * (dsa.scale - 1 / dsa.scale)},
+                  "rotate": {"angle": (u[0, i] * 2 - 1) * torch.pi * dsa.rotate / 180}}[fam]
+        values = {k: float(v) if torch.is_tensor(v) else v for k, v in values.items()}
+        assert_close(out[i:i + 1], dsa.apply(x[i:i + 1], AugParams(fam, values)), atol=1e-12, rtol=0)
+    if family != "flip":  # per-image parameters: images that start equal end different
+        same = x[:1].expand(6, -1, -1, -1).contiguous()
+        outs = dsa.augment(same, torch.Generator().manual_seed(5))
+        assert not torch.allclose(outs[0], outs[1])
+
+
+def test_dc_augmentation_ops():
+    dc = DCAugment(strategy="crop")
+    x = torch.randn(64, 1, 12, 12, dtype=torch.float64)
+    out = dc.augment(x, torch.Generator().manual_seed(0))
+    fill = x.mean(dim=(0, 2, 3))
+    for i in range(64):  # a whole-pixel shift of at most 4, borders at the mean
+        found = False
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                shifted = torch.full_like(x[i], float(fill))
+                src = x[i][:, max(0, dy):12 + min(0, dy), max(0, dx):12 + min(0, dx)]
+                shifted[:, max(0, -dy):12 + min(0, -dy), max(0, -dx):12 + min(0, -dx)] = src
+                found |= torch.allclose(out[i], shifted, atol=1e-9)
+        assert found, i
+    rot = DCAugment(strategy="rotate").augment(torch.ones(8, 1, 9, 9), torch.Generator().manual_seed(1))
+    assert torch.allclose(rot, torch.ones_like(rot), atol=1e-5)  # a constant image rotates to itself
+    noisy = DCAugment(strategy="noise", noise=0.5).augment(torch.zeros(200, 1, 4, 4), torch.Generator().manual_seed(2))
+    assert 0.45 < float(noisy.std()) < 0.55
+    scaled = DCAugment(strategy="scale").augment(x, torch.Generator().manual_seed(3))
+    assert not torch.allclose(scaled, x) and torch.isfinite(scaled).all()
+    with pytest.raises(ValueError, match="strategy must name ops"):
+        DCAugment(strategy="crop_blur")
+
+
+def test_paper_protocol_by_method():
+    from fastdd.distill import SyntheticSet, paper_augmentation
+
+    assert isinstance(paper_augmentation("dm", (3, 32, 32)), DSA)
+    assert isinstance(paper_augmentation("mtt", (1, 8, 8)), DSA)
+    assert isinstance(paper_augmentation("dc", (1, 28, 28)), DCAugment)
+    assert paper_augmentation("dc", (3, 32, 32)) is None and paper_augmentation("dd", (1, 28, 28)) is None
+    assert paper_augmentation(None, (1, 28, 28)) is None
+    # the default protocol is the paper's: a DM set with augment="auto" trains as with augment=DSA()
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(10, 1, 8, 8, generator=gen), torch.arange(10)
+    Xt, yt = torch.randn(30, 1, 8, 8, generator=gen), torch.arange(30) % 10
+    ev = dict(n_models=1, epochs=3, model_options=dict(width=8, depth=1))
+    syn = SyntheticSet(X, y, None, "dm", 1)
+    with_default = evaluate(syn, Xt, yt, **ev)
+    assert with_default == evaluate(X, y, Xt, yt, augment=DSA(), **ev)
+    assert evaluate(X, y, Xt, yt, **ev) == evaluate(X, y, Xt, yt, augment="none", **ev)
+    with pytest.raises(ValueError, match="augment must be"):
+        evaluate(X, y, Xt, yt, augment="mixup", **ev)

@@ -14,25 +14,58 @@ from ..models import build, check_logits
 from ..pruning.kmeans import assign, kmeans
 from ..pruning.selection import herding
 from ..train import accuracy
+from .augment import DSA, DCAugment
+
+
+def paper_augmentation(method: str | None, image_shape) -> DSA | DCAugment | None:
+    """The augmentation the papers train evaluation models of a ``method``'s set with: DSA for
+    DSA, DM and MTT sets; DC's crop/scale/rotate for DC sets of 1 x 28 x 28 images (the reference
+    uses it on MNIST only); none for DD sets and for plain subsets (``method`` None)."""
+    if method in ("dsa", "dm", "mtt"):
+        return DSA()
+    if method == "dc" and tuple(image_shape) == (1, 28, 28):
+        return DCAugment()
+    return None
+
+
+def _augmentation(augment, method, image_shape):
+    if isinstance(augment, str):
+        if augment == "auto":
+            return paper_augmentation(method, image_shape)
+        if augment in ("dsa", "dc", "none"):
+            return {"dsa": DSA, "dc": DCAugment, "none": lambda: None}[augment]()
+        raise ValueError(f"augment must be 'auto', 'dsa', 'dc', 'none', None or an object with "
+                         f"augment(x, generator), got {augment!r}")
+    if augment is not None and not callable(getattr(augment, "augment", None)):
+        raise ValueError(f"augment must be 'auto', 'dsa', 'dc', 'none', None or an object with "
+                         f"augment(x, generator), got {augment!r}")
+    return augment
 
 
 def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_models: int = 5,
-             epochs: int = 300, lr: float | None = None, batch_size: int = 256, augment=None, seed: int = 0,
-             model_options: dict | None = None, progress: bool = False) -> tuple[float, float]:
+             epochs: int | None = None, lr: float | None = None, batch_size: int = 256, augment="auto",
+             seed: int = 0, model_options: dict | None = None, progress: bool = False) -> tuple[float, float]:
     """Final-epoch test accuracy of ``n_models`` fresh models trained on ``(images, labels)``, or on a
     :class:`~fastdd.distill.SyntheticSet`: ``evaluate(syn, X_test, y_test, ...)``.
 
-    Schedule (the DC protocol): SGD, momentum 0.9, weight decay 5e-4, ``lr`` divided by 10
-    at half of ``epochs``; ``lr`` defaults to a synthetic set's learned lr (MTT, DD) and to 0.01
-    otherwise. ``augment`` (e.g. :class:`fastdd.distill.augment.DSA`) draws a new augmentation
-    per batch during training. ``model``: a zoo name or a callable returning a fresh
-    ``nn.Module``. Returns ``(mean, std)`` accuracy in [0, 1].
+    The papers' protocol by default. Schedule: SGD, momentum 0.9, weight decay 5e-4, ``lr``
+    divided by 10 at half of ``epochs``; ``lr`` defaults to a synthetic set's learned lr (MTT, DD)
+    and to 0.01 otherwise. ``augment``: ``"auto"`` (default) trains on a synthetic set with the
+    augmentation its method's paper evaluates with (:func:`paper_augmentation`: DSA for DSA/DM/MTT,
+    DC's for DC on MNIST-shaped images) and on plain tensors without; ``"dsa"``, ``"dc"``,
+    ``"none"``/None, or an object with ``augment(x, generator) -> x`` (:class:`~fastdd.distill.DSA`,
+    :class:`~fastdd.distill.augment.DCAugment`), applied to each training batch with fresh draws.
+    ``epochs`` defaults to 1000 with augmentation and 300 without (the reference code's rule).
+    ``model``: a zoo name or a callable returning a fresh ``nn.Module``. Returns ``(mean, std)``
+    accuracy in [0, 1].
     """
     from .api import SyntheticSet
 
+    method = None
     if isinstance(images, SyntheticSet):
         if y_test is None:  # evaluate(syn, X_test, y_test)
             X_test, y_test = labels, X_test
+        method = images.method or None
         images, labels, learned = images.images.detach(), images.labels, images.lr
         if lr is None and learned is not None:
             lr = float(learned)
@@ -49,7 +82,8 @@ def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_m
     labels = as_labels(labels, "labels", n=len(images)).to(images.device)
     y_test = as_labels(y_test, "y_test", n=len(X_test)).to(X_test.device)
     n_models = check_positive_int(n_models, "n_models")
-    epochs = check_positive_int(epochs, "epochs")
+    augment = _augmentation(augment, method, tuple(images.shape[1:]))
+    epochs = check_positive_int(epochs if epochs is not None else (300 if augment is None else 1000), "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
     num_classes = int(max(labels.max(), y_test.max())) + 1
     accs = []
@@ -71,7 +105,7 @@ def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_m
             for idx in torch.randperm(len(labels), generator=gen).split(batch_size):
                 x = images[idx]
                 if augment is not None:
-                    x = augment.apply(x, augment.sample(gen))
+                    x = augment.augment(x, gen)
                 opt.zero_grad()
                 F.cross_entropy(net(x), labels[idx]).backward()
                 opt.step()
