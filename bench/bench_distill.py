@@ -4,7 +4,10 @@ and MTT's peak memory against the number of unrolled student steps (whole unroll
 ``low_memory=True``: one step's graph at a time). It also times the part of DC and DM that
 both implementations compute identically, which bounds the possible speed-up.
 
-Digits (8x8), ipc 10, ConvNet width 64 / depth 2 (the demo's), 256 real images per class.
+Digits (8x8), ipc 10, ConvNet width 64 / depth 2 (the demo's), 256 real images per class; with
+``--dataset PATH`` (MNIST as a .npz) the papers' shapes instead: 28x28, ConvNet width 128 /
+depth 3, DC at ipc 1 and 10, DM at ipc 10 and MTT at ipc 10 (MTT has no per-class loop to
+compare with: its time and memory alone).
 The per-class-loop references, like the DC/DSA/DM code: for each class, the real batch
 through the network (DC: gradients of all parameters; DM: embeddings under autograd, then
 detached), the synthetic batch likewise, the distance layer by layer in Python; DC's
@@ -19,6 +22,7 @@ peak memory from ``torch.cuda.max_memory_allocated``.
 default allocator, page faults of large temporaries swing these CPU timings by up to 30%.
 
     python bench/bench_distill.py [--threads 2] [--iters 6] [--steady-malloc] [--device cpu|cuda] [--out FILE]
+    python bench/bench_distill.py --dataset ../shared/data/mnist.npz --iters 2 --steady-malloc
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from _report import STEADY_MALLOC, reset_peak_rss, rss_kb, write_report
 
 OPTS = dict(width=64, depth=2)
 IPC = 10
+MNIST_OPTS = dict(width=128, depth=3)
 
 
 # --------------------------------------------------------------------------- references
@@ -115,11 +120,19 @@ def dm_reference_step(engine):
 
 def dc_shared_part(engine):
     """What DC's reference and fastdd both do, identically: the inner loops of one iteration
-    (outer_loop - 1 times inner_loop training steps on the synthetic set)."""
+    (outer_loop - 1 times inner_loop training steps on the synthetic set) and, each outer loop,
+    the real images' gradient class by class (the same convolutions and products whether one
+    backward serves all classes or one per class; fastdd's is one)."""
     import torch
+    import torch.nn.functional as F
 
     net = engine._fresh_net()
+    params = list(net.parameters())
     net_opt = torch.optim.SGD(net.parameters(), lr=engine.lr_net)
+    for _ in range(engine.outer_loop):
+        for c in range(engine.num_classes):
+            img_real, lab_real = _class_real_batch(engine, c)
+            torch.autograd.grad(F.cross_entropy(net(img_real), lab_real), params)
     _train_on_synthetic(engine, net, net_opt, (engine.outer_loop - 1) * engine.inner_loop)
 
 
@@ -135,31 +148,36 @@ def dm_shared_part(engine):
 
 
 # --------------------------------------------------------------------------- child side
-def _engine(method, syn_steps=10, device="cpu", low_memory=False):
+def _engine(method, syn_steps=10, device="cpu", low_memory=False, dataset=None, ipc=IPC):
     import torch
 
-    from fastdd.data import load_digits
+    from fastdd.data import load, load_digits
     from fastdd.distill import DistributionMatching, GradientMatching, TrajectoryMatching, train_experts
 
-    d = load_digits()
+    d = load(dataset) if dataset else load_digits()
+    opts = MNIST_OPTS if dataset else OPTS
     X, y = d.X_train.to(device), d.y_train.to(device)
     if method == "dc":
-        return GradientMatching(X, y, IPC, model_options=OPTS, seed=0)
+        return GradientMatching(X, y, ipc, model_options=opts, seed=0)
     if method == "dm":
-        return DistributionMatching(X, y, IPC, model_options=OPTS, seed=0)
-    experts = train_experts(X, y, n_experts=1, epochs=4, model_options=OPTS, batch_size=256, seed=0)
+        return DistributionMatching(X, y, ipc, model_options=opts, seed=0)
+    if dataset:  # experts on 2,000 images: the trajectory's length, not its quality, sets MTT's cost
+        X, y = X[:2000], y[:2000]
+    experts = train_experts(X, y, n_experts=1, epochs=4, model_options=opts, batch_size=256, seed=0)
     torch.manual_seed(0)
-    return TrajectoryMatching(X, y, IPC, experts, model_options=OPTS, syn_steps=syn_steps, expert_epochs=2,
-                              max_start_epoch=2, low_memory=low_memory, seed=0)
+    return TrajectoryMatching(d.X_train.to(device), d.y_train.to(device), ipc, experts, model_options=opts,
+                              syn_steps=syn_steps, expert_epochs=2, max_start_epoch=2, low_memory=low_memory, seed=0)
 
 
-def child(method, impl, what, iters, syn_steps, device):
+def child(method, impl, what, iters, syn_steps, device, dataset=None, ipc=IPC):
     import torch
 
     cuda = device == "cuda"
-    eng = _engine(method, syn_steps, device, low_memory=impl == "low_memory")
+    eng = _engine(method, syn_steps, device, low_memory=impl == "low_memory", dataset=dataset, ipc=ipc)
     reference = {"dc": dc_reference_step, "dm": dm_reference_step}.get(method)
-    fns = {"fastdd": eng.step, "reference": lambda: reference(eng)}
+    fns = {"fastdd": eng.step}
+    if reference is not None:
+        fns["reference"] = lambda: reference(eng)
     if what == "time" and method in ("dc", "dm"):
         shared = {"dc": dc_shared_part, "dm": dm_shared_part}[method]
         fns["shared"] = lambda: shared(eng)
@@ -198,7 +216,7 @@ def run_child(args, *child_args):
     if args.steady_malloc and child_args[2] == "time":
         env.update(STEADY_MALLOC)
     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--device", args.device,
-           "--child", *map(str, child_args)]
+           "--child", *map(str, child_args)] + (["--dataset", args.dataset] if args.dataset else [])
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(res.stderr[-3000:])
@@ -212,14 +230,18 @@ def main():
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--steady-malloc", action="store_true", help="time with freed memory kept in glibc's heap")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--child", nargs=5, metavar=("METHOD", "IMPL", "WHAT", "ITERS", "SYN_STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--dataset", default=None, help="MNIST as a .npz: the papers' shapes (see above)")
+    ap.add_argument("--child", nargs=6, metavar=("METHOD", "IMPL", "WHAT", "ITERS", "SYN_STEPS", "IPC"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
 
     torch.set_num_threads(args.threads)
     if args.child:
-        method, impl, what, iters, syn_steps = args.child
-        return child(method, impl, what, int(iters), int(syn_steps), args.device)
+        method, impl, what, iters, syn_steps, ipc = args.child
+        return child(method, impl, what, int(iters), int(syn_steps), args.device, args.dataset, int(ipc))
+    if args.dataset:
+        return main_mnist(args, torch)
     where = torch.cuda.get_device_name() if args.device == "cuda" else \
         f"{args.threads} CPU threads, {'steady' if args.steady_malloc else 'default'} malloc"
     lines = [f"# Distillation per iteration, digits ipc {IPC}, ConvNet width 64 depth 2 ({where}, "
@@ -228,10 +250,10 @@ def main():
              "|---|---|---|---|---|---|"]
     bounds = []
     for method in ("dc", "dm"):
-        times = run_child(args, method, "both", "time", args.iters, 0)
+        times = run_child(args, method, "both", "time", args.iters, 0, IPC)
         med = {k: statistics.median(v) for k, v in times.items()}
         for impl in ("reference", "fastdd"):
-            mem = run_child(args, method, impl, "memory", 1, 0)["peak_mb"]
+            mem = run_child(args, method, impl, "memory", 1, 0, IPC)["peak_mb"]
             label = "per-class loop" if impl == "reference" else "fastdd"
             lines.append(f"| {method.upper()} | {label} | {med[impl]:.3f} | {min(times[impl]):.3f} | {mem:.0f} | "
                          f"{med['reference'] / med[impl]:.2f}x |")
@@ -246,10 +268,37 @@ def main():
     print("\n".join(lines[-len(bounds) - 2:]), flush=True)
     lines += ["", "| MTT syn_steps | peak MB, unrolled | peak MB, low_memory=True |", "|---|---|---|"]
     for n in (5, 10, 20, 40):
-        mem = run_child(args, "mtt", "fastdd", "memory", 1, n)["peak_mb"]
-        low = run_child(args, "mtt", "low_memory", "memory", 1, n)["peak_mb"]
+        mem = run_child(args, "mtt", "fastdd", "memory", 1, n, IPC)["peak_mb"]
+        low = run_child(args, "mtt", "low_memory", "memory", 1, n, IPC)["peak_mb"]
         lines.append(f"| {n} | {mem:.0f} | {low:.0f} |")
         print(lines[-1], flush=True)
+    print("\n".join(lines))
+    write_report(args.out, lines)
+
+
+def main_mnist(args, torch):
+    """The papers' shapes on MNIST: DC ipc 1 and 10, DM ipc 10 against their per-class loops, MTT ipc 10."""
+    where = f"{args.threads} CPU threads, {'steady' if args.steady_malloc else 'default'} malloc"
+    lines = [f"# Distillation per iteration on MNIST 28x28, ConvNet width 128 depth 3 ({where}, torch "
+             f"{torch.__version__})", "",
+             "256 real images per class; DC's outer/inner loops by ipc as the paper (1: 1/1, 10: 10/50). Shared part: "
+             "what both implementations compute the same way (DC: the real images' class gradients and the inner "
+             "loops; DM: the real images through the frozen network); bound = reference / shared part.", "",
+             "| method | ipc | per-class loop s/iter | fastdd s/iter | speed-up | shared part s/iter | bound | "
+             "peak MB loop | peak MB fastdd |", "|---|---|---|---|---|---|---|---|---|"]
+    for method, ipc in (("dc", 1), ("dm", 10), ("dc", 10)):
+        times = run_child(args, method, "both", "time", args.iters, 0, ipc)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        mem = {impl: run_child(args, method, impl, "memory", 1, 0, ipc)["peak_mb"] for impl in ("reference", "fastdd")}
+        lines.append(f"| {method.upper()} | {ipc} | {med['reference']:.2f} | {med['fastdd']:.2f} | "
+                     f"{med['reference'] / med['fastdd']:.2f}x | {med['shared']:.2f} | "
+                     f"{med['reference'] / med['shared']:.2f}x | {mem['reference']:.0f} | {mem['fastdd']:.0f} |")
+        print(lines[-1], flush=True)
+    times = run_child(args, "mtt", "fastdd", "time", args.iters, 30, 10)
+    mem = run_child(args, "mtt", "fastdd", "memory", 1, 30, 10)["peak_mb"]
+    low = run_child(args, "mtt", "low_memory", "memory", 1, 30, 10)["peak_mb"]
+    lines += ["", "| MTT, ipc 10, 30 student steps | s/iter (median) | peak MB | peak MB, low_memory=True |",
+              "|---|---|---|---|", f"| fastdd | {statistics.median(times['fastdd']):.2f} | {mem:.0f} | {low:.0f} |"]
     print("\n".join(lines))
     write_report(args.out, lines)
 

@@ -4,6 +4,9 @@
         --ipc 1 10 --methods random herding dc dsa dm mtt dd --budget cpu \
         [--out-dir bench/measured/cpu-2026-12-07/distillation] [--transfer mlp lenet alexnet vgg11 resnet18]
 
+``--transfer`` trains every finished set on those architectures too (``--transfer-models`` each, the
+same protocol): the cross-architecture table.
+
 Protocol (``fastdd.distill.evaluate`` with its defaults, the reference code's rules): ConvNet
 width 128, depth 3, instance norm, average pooling; every set trains ``--eval-models`` (5) fresh
 models with SGD (momentum 0.9, weight decay 5e-4, lr 0.01 or a set's learned lr, x0.1 at half the
@@ -199,14 +202,29 @@ def run_cell(args, method, ipc):
                  lr=syn.lr, augment=augment if augment != "auto" else _aug_name(paper_augmentation(method, X.shape[1:])))
     if entry.get("curve") is not None and method not in SELECTIONS:
         entry["curve"].append([entry["iterations"], 100 * m, 100 * s])
-    for arch in args.transfer:
-        start = time.perf_counter()
-        m, s = evaluate(syn, Xt, yt, model=arch, n_models=args.eval_models, augment=augment, seed=0)
-        entry.setdefault("transfer", {})[arch] = [100 * m, 100 * s, time.perf_counter() - start]
     entry.update(peak_rss_mb=rss_kb("VmHWM") / 1024, data_rss_mb=rss_data / 1024,
                  cell_seconds=time.time() - t_cell)
     Results(os.path.join(args.out_dir, "results.json")).put(f"{tag}", entry)
     print(json.dumps({k: v for k, v in entry.items() if k not in ("options", "curve")}), flush=True)
+
+
+def run_transfer(args, method, ipc, arch):
+    """A finished cell's set trained on another zoo architecture (the transfer table), same protocol."""
+    torch.set_num_threads(args.threads)
+    (X, y), _, (Xt, yt), _ = split(args.dataset)
+    tag = f"{method}_ipc{ipc}_{args.budget}"
+    if method in SELECTIONS:
+        idx = random_subset(X, y, ipc, seed=0) if method == "random" else herding_subset(X, y, ipc)
+        syn, augment = SyntheticSet(X[idx], y[idx], None, "", ipc), "dc"
+    else:
+        syn, augment = SyntheticSet.load(os.path.join(args.out_dir, "sets", f"{tag}.pt")), "auto"
+    start = time.perf_counter()
+    m, s = evaluate(syn, Xt, yt, model=arch, n_models=args.transfer_models, augment=augment, seed=0)
+    results = Results(os.path.join(args.out_dir, "results.json"))
+    entry = results.get(tag)
+    entry.setdefault("transfer", {})[arch] = [100 * m, 100 * s, time.perf_counter() - start, args.transfer_models]
+    results.put(tag, entry)
+    print(f"{tag} on {arch}: {100 * m:.1f} ± {100 * s:.1f}", flush=True)
 
 
 def table(args, results):
@@ -256,10 +274,13 @@ def table(args, results):
     if transfer:
         archs = sorted({a for _, _, e in transfer for a in e["transfer"]})
         lines += ["", "## Across architectures (sets distilled with ConvNet-3)", "",
+                  "Each set trained on other architectures of the zoo with the same protocol (mean ± std over the "
+                  "models shown in brackets).", "",
                   "| method | ipc | convnet | " + " | ".join(archs) + " |", "|---|---|---|" + "---|" * len(archs)]
         for m, i, e in transfer:
             lines.append(f"| {m} | {i} | {e['accuracy']:.1f} | " + " | ".join(
-                f"{e['transfer'][a][0]:.1f} ± {e['transfer'][a][1]:.1f}" if a in e["transfer"] else "-" for a in archs) + " |")
+                f"{e['transfer'][a][0]:.1f} ± {e['transfer'][a][1]:.1f} ({e['transfer'][a][3]})" if a in e["transfer"]
+                else "-" for a in archs) + " |")
     return lines
 
 
@@ -334,6 +355,7 @@ def main():
     p.add_argument("--curve-models", type=int, default=1, help="models per point of the accuracy-vs-iterations curve")
     p.add_argument("--curve-points", type=int, default=4, help="curve points, the initial and final sets included")
     p.add_argument("--transfer", nargs="*", default=[], help="also evaluate each set on these zoo architectures")
+    p.add_argument("--transfer-models", type=int, default=2, help="fresh models per architecture in the transfer table")
     p.add_argument("--tune", nargs="*", default=[], metavar="METHOD:KEY=V1,V2",
                    help="choose an option on the validation split (short runs) before the cell runs")
     p.add_argument("--tune-iterations", type=int, default=50)
@@ -349,8 +371,11 @@ def main():
     args.eval_estimate = {i: args.eval_estimate.get(i, 22 * i) for i in args.ipc}
     os.makedirs(args.out_dir, exist_ok=True)
     if args.cell:
-        method, ipc = args.cell.split(":")
-        run_cell(args, method, int(ipc))
+        method, ipc, *arch = args.cell.split(":")
+        if arch:
+            run_transfer(args, method, int(ipc), arch[0])
+        else:
+            run_cell(args, method, int(ipc))
         return
     results = Results(os.path.join(args.out_dir, "results.json"))
     grids = parse_tune(args.tune)
@@ -374,6 +399,17 @@ def main():
             results = Results(os.path.join(args.out_dir, "results.json"))
             write_report(os.path.join(args.out_dir, f"table_{args.budget}.md"), table(args, results.data))
             plot(args, results.data)
+    for ipc in args.ipc:
+        for method in args.methods:
+            for arch in args.transfer:
+                entry = results.get(f"{method}_ipc{ipc}_{args.budget}")
+                if entry is None or arch in entry.get("transfer", {}):
+                    continue
+                cmd = [sys.executable, os.path.abspath(__file__), "--cell", f"{method}:{ipc}:{arch}"] + sys.argv[1:]
+                if subprocess.run(cmd).returncode != 0:
+                    print(f"{method} ipc {ipc} on {arch} failed; the others go on", flush=True)
+                results = Results(os.path.join(args.out_dir, "results.json"))
+                write_report(os.path.join(args.out_dir, f"table_{args.budget}.md"), table(args, results.data))
     write_report(os.path.join(args.out_dir, f"table_{args.budget}.md"), table(args, results.data))
     plot(args, results.data)
 

@@ -42,25 +42,31 @@ class DSA:
         self.brightness, self.saturation, self.contrast = brightness, saturation, contrast
         self.crop, self.cutout, self.flip, self.scale, self.rotate = crop, cutout, flip, scale, rotate
 
+    def _values(self, family: str, u: torch.Tensor) -> dict:
+        """``family``'s parameters from uniforms ``u [4, n]``: one per image, or n = 1 for a shared draw."""
+        if family == "color":
+            return {"brightness": (u[0] - 0.5) * self.brightness, "saturation": u[1] * self.saturation,
+                    "contrast": u[2] + self.contrast}
+        if family == "crop":
+            return {"dx": (u[0] * 2 - 1) * self.crop, "dy": (u[1] * 2 - 1) * self.crop}
+        if family == "cutout":
+            return {"cx": u[0], "cy": u[1], "size": torch.full_like(u[0], self.cutout)}
+        if family == "flip":
+            return {"flip": u[0] < self.flip}
+        if family == "scale":
+            lo = 1.0 / self.scale
+            return {"sx": lo + u[0] * (self.scale - lo), "sy": lo + u[1] * (self.scale - lo)}
+        return {"angle": (u[0] * 2 - 1) * math.radians(self.rotate)}
+
+    def _family(self, gen: torch.Generator) -> str:
+        return self.families[int(torch.randint(len(self.families), (1,), generator=gen))]
+
     def sample(self, gen: torch.Generator) -> AugParams:
         """Draw a family and its parameters (CPU generator: the same draw on any device)."""
-        family = self.families[int(torch.randint(len(self.families), (1,), generator=gen))]
-        u = torch.rand(4, generator=gen).tolist()
-        if family == "color":
-            values = {"brightness": (u[0] - 0.5) * self.brightness, "saturation": u[1] * self.saturation,
-                      "contrast": u[2] + self.contrast}
-        elif family == "crop":
-            values = {"dx": (u[0] * 2 - 1) * self.crop, "dy": (u[1] * 2 - 1) * self.crop}
-        elif family == "cutout":
-            values = {"cx": u[0], "cy": u[1], "size": self.cutout}
-        elif family == "flip":
-            values = {"flip": u[0] < self.flip}
-        elif family == "scale":
-            lo = 1.0 / self.scale
-            values = {"sx": lo + u[0] * (self.scale - lo), "sy": lo + u[1] * (self.scale - lo)}
-        else:
-            values = {"angle": (u[0] * 2 - 1) * math.radians(self.rotate)}
-        return AugParams(family, values)
+        family = self._family(gen)
+        u = torch.rand(4, 1, generator=gen).double()
+        values = self._values(family, u)
+        return AugParams(family, {k: bool(v) if v.dtype == torch.bool else float(v) for k, v in values.items()})
 
     def apply(self, x: torch.Tensor, params: AugParams) -> torch.Tensor:
         """Apply one draw to images ``[B, C, H, W]``; differentiable in ``x``."""
@@ -71,22 +77,8 @@ class DSA:
     def augment(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         """Training-time augmentation of one batch, as the DSA reference trains evaluation models:
         one family for the batch, its parameters drawn per image (``gen`` a CPU generator)."""
-        family = self.families[int(torch.randint(len(self.families), (1,), generator=gen))]
-        u = torch.rand(4, x.shape[0], generator=gen, dtype=torch.float64)
-        if family == "color":
-            values = {"brightness": (u[0] - 0.5) * self.brightness, "saturation": u[1] * self.saturation,
-                      "contrast": u[2] + self.contrast}
-        elif family == "crop":
-            values = {"dx": (u[0] * 2 - 1) * self.crop, "dy": (u[1] * 2 - 1) * self.crop}
-        elif family == "cutout":
-            values = {"cx": u[0], "cy": u[1], "size": torch.full_like(u[0], self.cutout)}
-        elif family == "flip":
-            values = {"flip": u[0] < self.flip}
-        elif family == "scale":
-            lo = 1.0 / self.scale
-            values = {"sx": lo + u[0] * (self.scale - lo), "sy": lo + u[1] * (self.scale - lo)}
-        else:
-            values = {"angle": (u[0] * 2 - 1) * math.radians(self.rotate)}
+        family = self._family(gen)
+        values = self._values(family, torch.rand(4, x.shape[0], generator=gen, dtype=torch.float64))
         return _transform(x, family, values)
 
     def __call__(self, real: torch.Tensor, syn: torch.Tensor, gen: torch.Generator):
