@@ -144,7 +144,8 @@ def cmd_distill(args) -> None:
     from .distill.api import check_options
 
     _check_out(args, (".pt", ".pth"), "the synthetic set")
-    options = {"model_options": {"width": args.width, "depth": args.depth} if args.model in ("convnet", "convnetbn") else {},
+    convnet = {"width": args.width, **({"depth": args.depth} if args.depth is not None else {})}
+    options = {"model_options": convnet if args.model in ("convnet", "convnetbn") else {},
                "init": args.init}
     if args.low_memory:
         if args.method != "mtt":
@@ -322,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=_count(0), default=None, help="outer iterations (default: the method's, 200)")
     p.add_argument("--model", default="convnet", choices=list(ZOO), help="network (the reference code's zoo)")
     p.add_argument("--init", default="real", choices=["real", "noise"], help="start from real images or noise")
-    p.add_argument("--width", type=_count(1), default=64, help="ConvNet width")
-    p.add_argument("--depth", type=_count(1), default=2, help="ConvNet depth")
+    p.add_argument("--width", type=_count(1), default=128, help="ConvNet width (the papers': 128)")
+    p.add_argument("--depth", type=_count(1), default=None,
+                   help="ConvNet depth (default by image size: 3 at 28x28 and 32x32, the papers' ConvNet-3; 2 on 8x8)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="save progress here every 20 iterations")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --checkpoint")
     p.add_argument("--low-memory", action="store_true",
