@@ -11,7 +11,8 @@ Protocol (``fastdd.distill.evaluate`` with its defaults, the reference code's ru
 width 128, depth 3, instance norm, average pooling; every set trains ``--eval-models`` (5) fresh
 models with SGD (momentum 0.9, weight decay 5e-4, lr 0.01 or a set's learned lr, x0.1 at half the
 epochs), DSA augmentation for DSA/DM/MTT sets, DC's crop/scale/rotate for DC sets and the
-random/herding subsets (the DC paper's MNIST protocol that produced their numbers), 1000 epochs
+random/herding subsets (the DC paper's MNIST protocol that produced their numbers; herding on pixels,
+and ``herding_convnet`` on the embeddings of a ConvNet-3 trained on the training split), 1000 epochs
 with augmentation, 300 without (DD); accuracy at the final epoch on the 10,000 test images,
 mean ± std. A 5,000-image validation split is carved out of the 60,000 training images
 (stratified, seed 0) and never used for distillation: ``--tune method:key=v1,v2`` picks an
@@ -48,6 +49,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _report import Results, rss_kb, write_report  # noqa: E402
 
 from fastdd.data import load, stratified_split  # noqa: E402
+from fastdd.models import build  # noqa: E402
+from fastdd.train import train_model  # noqa: E402
 from fastdd.distill import (DSA, DCAugment, SyntheticSet, distill, evaluate, herding_subset,  # noqa: E402
                             paper_augmentation, random_subset, train_experts)
 
@@ -65,7 +68,8 @@ MTT_OPTIONS = {1: dict(syn_steps=50, expert_epochs=2, max_start_epoch=5),
 EXPERTS = {"paper": dict(n_experts=100, epochs=50, n_images=None),
            "cpu": dict(n_experts=2, epochs=8, n_images=10000)}
 MODEL_OPTIONS = dict(width=128, depth=3, norm="instancenorm", pooling="avgpooling")
-SELECTIONS = ("random", "herding")
+SELECTIONS = ("random", "herding", "herding_convnet")
+PAPER["herding_convnet"] = PAPER["herding"]
 
 
 def split(path, n_val=5000):
@@ -144,6 +148,26 @@ def distill_timed(args, method, ipc, X, y, options, deadline, tag):
     return syn, snaps, spent, done
 
 
+def select(args, method, ipc, X, y):
+    """A coreset baseline's indices: random, herding on pixels, or herding on the embeddings of a
+    ConvNet-3 trained on the training split (``--herding-epochs`` epochs; cached in ``sets/``)."""
+    if method == "random":
+        return random_subset(X, y, ipc, seed=0)
+    if method == "herding":
+        return herding_subset(X, y, ipc)
+    path = os.path.join(args.out_dir, "sets", f"herding_features_{args.herding_epochs}.pt")
+    if os.path.exists(path):
+        feats = torch.load(path)
+    else:
+        net = build("convnet", X.shape[1], int(y.max()) + 1, tuple(X.shape[-2:]), MODEL_OPTIONS)
+        train_model(net, X, y, epochs=args.herding_epochs, batch_size=256, seed=0, progress="herding features")
+        net.eval()
+        with torch.no_grad():
+            feats = torch.cat([net.embed(chunk) for chunk in X.split(1000)])
+        torch.save(feats, path)
+    return herding_subset(X, y, ipc, features=feats)
+
+
 def _aug_name(augment):
     return {DSA: "dsa", DCAugment: "dc"}.get(type(augment), "none")
 
@@ -160,10 +184,11 @@ def run_cell(args, method, ipc):
              "eval_models": args.eval_models}
     if method in SELECTIONS:
         start = time.perf_counter()
-        idx = random_subset(X, y, ipc, seed=0) if method == "random" else herding_subset(X, y, ipc)
+        idx = select(args, method, ipc, X, y)
         syn = SyntheticSet(X[idx], y[idx], None, "", ipc)
         entry.update(distill_seconds=time.perf_counter() - start, iterations=0, curve=[],
-                     options={"features": "pixels"} if method == "herding" else {"seed": 0})
+                     options={"random": {"seed": 0}, "herding": {"features": "pixels"},
+                              "herding_convnet": {"features": f"ConvNet-3 trained {args.herding_epochs} epochs"}}[method])
         augment = "dc"  # the DC paper's MNIST protocol, which produced the papers' subset numbers
     else:
         experts = None
@@ -214,7 +239,7 @@ def run_transfer(args, method, ipc, arch):
     (X, y), _, (Xt, yt), _ = split(args.dataset)
     tag = f"{method}_ipc{ipc}_{args.budget}"
     if method in SELECTIONS:
-        idx = random_subset(X, y, ipc, seed=0) if method == "random" else herding_subset(X, y, ipc)
+        idx = select(args, method, ipc, X, y)
         syn, augment = SyntheticSet(X[idx], y[idx], None, "", ipc), "dc"
     else:
         syn, augment = SyntheticSet.load(os.path.join(args.out_dir, "sets", f"{tag}.pt")), "auto"
@@ -348,7 +373,8 @@ def main():
     p.add_argument("--dataset", required=True, help="MNIST as a .npz (X_train, y_train, X_test, y_test)")
     p.add_argument("--ipc", type=int, nargs="+", default=[1, 10])
     p.add_argument("--methods", nargs="+", default=["random", "herding", "dc", "dsa", "dm", "mtt", "dd"],
-                   choices=["random", "herding", "dc", "dsa", "dm", "mtt", "dd"])
+                   choices=["random", "herding", "herding_convnet", "dc", "dsa", "dm", "mtt", "dd"])
+    p.add_argument("--herding-epochs", type=int, default=3, help="herding_convnet: epochs of its feature network")
     p.add_argument("--budget", choices=["cpu", "paper"], default="cpu")
     p.add_argument("--minutes", type=float, default=30, help="cpu budget: wall minutes per method x ipc")
     p.add_argument("--eval-models", type=int, default=5)
