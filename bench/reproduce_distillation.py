@@ -29,7 +29,8 @@ Budgets:
 Each method x ipc runs in a child process (its own peak memory); finished cells are kept in
 ``results.json`` and the synthetic sets in ``sets/``, so a rerun continues where the last one
 stopped. Accuracy against distillation iterations (``--curve-models`` models per point, the same
-protocol) goes to ``curve.png``; the table, times and peak memory to ``table.md``.
+protocol) goes to ``curve_<budget>.png``; the table, times and peak memory to ``table_<budget>.md``;
+each distilled set, in pixel space, to ``images_<method>_ipc<ipc>_<budget>.png``.
 """
 from __future__ import annotations
 
@@ -309,6 +310,25 @@ def table(args, results):
     return lines
 
 
+def image_grids(args, results):
+    """Each finished distilled set as a picture in pixel space (the training split's normalization undone)."""
+    from fastdd.demo import save_image_grid
+
+    data = None
+    for method in args.methods:
+        for ipc in args.ipc:
+            tag = f"{method}_ipc{ipc}_{args.budget}"
+            path, out = os.path.join(args.out_dir, "sets", f"{tag}.pt"), os.path.join(args.out_dir, f"images_{tag}.png")
+            if method in SELECTIONS or tag not in results or not os.path.exists(path) or os.path.exists(out):
+                continue
+            data = data or load(args.dataset)
+            syn = SyntheticSet.load(path)
+            e = results[tag]
+            save_image_grid(out, 1 - data.to_pixels(syn.images), syn.labels,
+                            f"{method.upper()}, {ipc} per class, {e['iterations']} iterations: "
+                            f"{e['accuracy']:.1f}% (paper {PAPER.get(method, {}).get(ipc, '-')})")
+
+
 def plot(args, results):
     import matplotlib
 
@@ -438,6 +458,7 @@ def main():
                 write_report(os.path.join(args.out_dir, f"table_{args.budget}.md"), table(args, results.data))
     write_report(os.path.join(args.out_dir, f"table_{args.budget}.md"), table(args, results.data))
     plot(args, results.data)
+    image_grids(args, results.data)
 
 
 if __name__ == "__main__":
