@@ -259,7 +259,8 @@ def table(args, results):
 
     lines = [f"# MNIST distillation, budget `{args.budget}`", "",
              f"`python bench/reproduce_distillation.py --dataset {args.dataset} --ipc {' '.join(map(str, args.ipc))} "
-             f"--methods {' '.join(args.methods)} --budget {args.budget}` ({args.threads} CPU threads; torch "
+             f"--methods {' '.join(args.methods)} --budget {args.budget}"
+             f"{f' --minutes {args.minutes:g}' if args.budget == 'cpu' else ''}` ({args.threads} CPU threads; torch "
              f"{torch.__version__}). ConvNet-3 (width 128, instance norm), test accuracy (%) at the final epoch, mean ± std "
              f"over {args.eval_models} fresh models (protocol in the script's docstring). Paper: the seed papers' figures; "
              f"diff = fastdd - paper. Full training set in the papers: {PAPER_FULL}.", ""]
