@@ -29,14 +29,12 @@ def paper_augmentation(method: str | None, image_shape) -> DSA | DCAugment | Non
 
 
 def _augmentation(augment, method, image_shape):
-    if isinstance(augment, str):
-        if augment == "auto":
-            return paper_augmentation(method, image_shape)
-        if augment in ("dsa", "dc", "none"):
-            return {"dsa": DSA, "dc": DCAugment, "none": lambda: None}[augment]()
-        raise ValueError(f"augment must be 'auto', 'dsa', 'dc', 'none', None or an object with "
-                         f"augment(x, generator), got {augment!r}")
-    if augment is not None and not callable(getattr(augment, "augment", None)):
+    """``evaluate``'s ``augment`` argument resolved to an object with ``augment(x, gen)`` or None."""
+    named = {"auto": lambda: paper_augmentation(method, image_shape), "dsa": DSA, "dc": DCAugment,
+             "none": lambda: None}
+    if isinstance(augment, str) and augment in named:
+        augment = named[augment]()
+    elif augment is not None and not callable(getattr(augment, "augment", None)):
         raise ValueError(f"augment must be 'auto', 'dsa', 'dc', 'none', None or an object with "
                          f"augment(x, generator), got {augment!r}")
     return augment
