@@ -114,6 +114,24 @@ def as_labels(y, name: str, n: int | None = None, num_classes: int | None = None
     return y
 
 
+def as_soft_labels(t, name: str, n: int | None = None) -> torch.Tensor:
+    """Soft labels ``[N, K]``: per-row class probabilities (float, finite, >= 0, each row summing to 1)."""
+    t = as_tensor(t, name)
+    if t.dim() != 2 or not t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be float class probabilities [N, num_classes], got {t.dtype} of shape "
+                         f"{tuple(t.shape)}")
+    if n is not None and len(t) != n:
+        raise ValueError(f"{name} has {len(t)} rows, expected {n}")
+    if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+        raise ValueError(f"{name} must be finite and non-negative (probabilities)")
+    sums = t.sum(1)
+    if len(t) and float((sums - 1).abs().max()) > 1e-3:
+        worst = int((sums - 1).abs().argmax())
+        raise ValueError(f"each row of {name} must sum to 1 (probabilities; softmax logits first): row {worst} "
+                         f"sums to {float(sums[worst]):.4g}")
+    return t
+
+
 def check_fraction(fraction, name: str = "fraction") -> float:
     """A number in (0, 1] (Python or numpy scalar), as a float."""
     if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0.0 < float(fraction) <= 1.0:

@@ -363,17 +363,27 @@ def test_meta_learning_inner_sgd_is_torch_sgd(digits):
         MetaLearning(digits.X_train, digits.y_train, 1, momentum=1.0)
 
 
-@pytest.mark.parametrize("use_dsa", [False, True])
-def test_trajectory_matching_low_memory_gives_the_same_step(digits, experts, use_dsa):
-    """Reverse recomputation (one step's graph at a time) equals backprop through the whole unroll."""
+@pytest.mark.parametrize("use_dsa,learn_labels", [(False, False), (True, False), (True, True)])
+def test_trajectory_matching_low_memory_gives_the_same_step(digits, experts, use_dsa, learn_labels):
+    """Reverse recomputation (one step's graph at a time) equals backprop through the whole unroll,
+    for the images, the lr and (DATM) the learned labels."""
     from fastdd.distill import TrajectoryMatching
 
     kw = dict(model_options=dict(width=32, depth=2), syn_steps=4, expert_epochs=2, max_start_epoch=3, seed=1,
-              lr_img=1000.0, lr_lr=1.0)
+              lr_img=1000.0, lr_lr=1.0, learn_labels=learn_labels, lr_label=100.0)
     engines = [TrajectoryMatching(digits.X_train, digits.y_train, 2, experts, dsa=DSA() if use_dsa else None,
                                   low_memory=low, **kw) for low in (False, True)]
     before = engines[0].images.detach().clone()
+    if learn_labels:  # initialized with the expert's predictions at max_start_epoch: mostly right
+        labels_before = engines[0].soft_labels
+        assert (labels_before.argmax(1) == engines[0].labels).float().mean() >= 0.8
+        assert_close(labels_before.sum(1), torch.ones(20), atol=1e-5, rtol=0, name="rows")
     losses = [e.step() for e in engines]
+    if learn_labels:
+        step0 = engines[0].soft_labels - labels_before
+        assert step0.abs().max() > 1e-4  # the labels learn
+        assert_close(engines[1].soft_labels - labels_before, step0, atol=1e-4 * step0.abs().max().item(), rtol=1e-3,
+                     name="label step")
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     moved = engines[0].images.detach() - before
     assert moved.abs().max() > 1e-3  # the step did something worth comparing

@@ -24,7 +24,9 @@ DEFAULT_ITERATIONS = {"dd": 200, "dc": 200, "dsa": 200, "dm": 200, "mtt": 200}
 
 @dataclass
 class SyntheticSet:
-    """A distilled set: ``images [C*ipc, ...]``, ``labels [C*ipc]`` and, for DD and MTT, the learned lr."""
+    """A distilled set: ``images [C*ipc, ...]``, ``labels [C*ipc]`` (each image's class) and, for DD
+    and MTT, the learned lr. ``soft_labels [C*ipc, C]``: class probabilities the set trains with
+    instead of ``labels`` when present (MTT with ``learn_labels=True``, or :meth:`with_teacher_labels`)."""
 
     images: torch.Tensor
     labels: torch.Tensor
@@ -32,11 +34,30 @@ class SyntheticSet:
     method: str = ""
     ipc: int = 0
     info: dict = field(default_factory=dict)
+    soft_labels: torch.Tensor | None = None
 
     def save(self, path: str) -> None:
         """Write the set to ``path`` (plain tensors, numbers and strings; atomically)."""
         _checkpoint.save(path, {"identity": {"kind": "SyntheticSet"}, "images": self.images, "labels": self.labels,
-                                "lr": self.lr, "method": self.method, "ipc": self.ipc, "info": self.info})
+                                "lr": self.lr, "method": self.method, "ipc": self.ipc, "info": self.info,
+                                "soft_labels": self.soft_labels})
+
+    def with_teacher_labels(self, teacher, temperature: float = 1.0, batch_size: int = 1024) -> "SyntheticSet":
+        """A copy whose soft labels are ``softmax(teacher(images) / temperature)`` (the teacher in eval
+        mode): the baseline a learned-label set is compared with, or soft labels for any set."""
+        from ..train import predict
+
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if not isinstance(teacher, torch.nn.Module):
+            raise ValueError(f"teacher must be an nn.Module mapping images to logits, got {type(teacher).__name__}")
+        logits = predict(teacher, self.images.detach(), batch_size)
+        if logits.dim() != 2 or logits.shape[1] <= int(self.labels.max()):
+            raise ValueError(f"the teacher's output must be logits [n, num_classes] covering the set's "
+                             f"{int(self.labels.max()) + 1} classes, got shape {tuple(logits.shape)}")
+        soft = torch.softmax(logits.float() / temperature, dim=1).to(self.images.dtype)
+        info = {**self.info, "soft_labels": f"teacher, temperature {temperature:g}"}
+        return SyntheticSet(self.images, self.labels, self.lr, self.method, self.ipc, info, soft)
 
     def to_pixels(self, normalization=None) -> torch.Tensor:
         """The images in [0, 1] pixel space, undoing the standardization the real data had
@@ -66,7 +87,8 @@ class SyntheticSet:
         if s["identity"].get("kind") != "SyntheticSet" or not {"images", "labels"} <= set(s):
             raise _checkpoint.CheckpointError(f"{path} is not a synthetic set (it is a "
                                               f"{s['identity'].get('method', 'other')} checkpoint)")
-        return cls(s["images"], s["labels"], s.get("lr"), s.get("method", ""), s.get("ipc", 0), s.get("info", {}))
+        return cls(s["images"], s["labels"], s.get("lr"), s.get("method", ""), s.get("ipc", 0), s.get("info", {}),
+                   s.get("soft_labels"))
 
 
 CLASSES = {"dd": MetaLearning, "dc": GradientMatching, "dsa": GradientMatching, "dm": DistributionMatching,
@@ -120,6 +142,7 @@ OPTION_CHECKS = {
     "max_unroll": _number(1, integer=True, none_ok=True), "init": _of_type((str,), "'real' or 'noise'"),
     "kernel": _of_type((str,), "a kernel name"), "metric": _of_type((str,), "a metric name"),
     "low_memory": _of_type((bool,), "True or False"), "fixed_init": _of_type((bool,), "True or False"),
+    "learn_labels": _of_type((bool,), "True or False"), "lr_label": _number(0),
     "model_options": _of_type((dict, type(None)), "a dict of model keywords"),
     "dsa": _of_type((DSA, type(None)), "a fastdd.distill.augment.DSA or None"),
     "expert_options": _of_type((dict,), "a dict of train_experts keywords"),
@@ -241,5 +264,6 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model="convnet", iteratio
         if checkpoint and (engine.iteration % checkpoint_every == 0 or engine.iteration == iterations):
             _checkpoint.save(checkpoint, {"identity": identity, "engine": engine.state_dict()})
     lr = engine.lr if hasattr(engine, "lr") else None
+    soft = getattr(engine, "soft_labels", None)
     return SyntheticSet(engine.images.detach().clone(), engine.labels.clone(), lr, method, ipc,
-                        {"iterations": engine.iteration})
+                        {"iterations": engine.iteration}, None if soft is None else soft.clone())

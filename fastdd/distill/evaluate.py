@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._validate import as_images, as_labels, as_samples, centred, check_positive_int, compute_dtype
+from .._validate import as_images, as_labels, as_samples, as_soft_labels, as_tensor, centred, check_positive_int, compute_dtype
 from ..models import build, check_logits
 from ..pruning.kmeans import assign, kmeans
 from ..pruning.selection import herding
@@ -54,7 +54,9 @@ def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_m
     ``"none"``/None, or an object with ``augment(x, generator) -> x`` (:class:`~fastdd.distill.DSA`,
     :class:`~fastdd.distill.augment.DCAugment`), applied to each training batch with fresh draws.
     ``epochs`` defaults to 1000 with augmentation and 300 without (the reference code's rule).
-    ``model``: a zoo name or a callable returning a fresh ``nn.Module``. Returns ``(mean, std)``
+    ``labels``: class indices ``[n]`` or soft labels ``[n, num_classes]`` (class probabilities; the
+    models train on them as cross-entropy targets); a synthetic set's ``soft_labels`` are used when
+    it has them. ``model``: a zoo name or a callable returning a fresh ``nn.Module``. Returns ``(mean, std)``
     accuracy in [0, 1].
     """
     from .api import SyntheticSet
@@ -64,7 +66,8 @@ def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_m
         if y_test is None:  # evaluate(syn, X_test, y_test)
             X_test, y_test = labels, X_test
         method = images.method or None
-        images, labels, learned = images.images.detach(), images.labels, images.lr
+        soft = images.soft_labels
+        images, labels, learned = images.images.detach(), images.labels if soft is None else soft, images.lr
         if lr is None and learned is not None:
             lr = float(learned)
     if lr is None:
@@ -77,13 +80,20 @@ def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_m
     X_test = as_images(X_test, "X_test")
     if X_test.shape[1:] != images.shape[1:]:
         raise ValueError(f"X_test images are {tuple(X_test.shape[1:])}, the training images {tuple(images.shape[1:])}")
-    labels = as_labels(labels, "labels", n=len(images)).to(images.device)
+    labels = as_tensor(labels, "labels")
+    soft = labels.dim() == 2
+    if soft:  # class probabilities per image: the models train on them as targets
+        labels = as_soft_labels(labels, "labels", n=len(images)).to(images)
+    else:
+        labels = as_labels(labels, "labels", n=len(images)).to(images.device)
     y_test = as_labels(y_test, "y_test", n=len(X_test)).to(X_test.device)
     n_models = check_positive_int(n_models, "n_models")
     augment = _augmentation(augment, method, tuple(images.shape[1:]))
     epochs = check_positive_int(epochs if epochs is not None else (300 if augment is None else 1000), "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
-    num_classes = int(max(labels.max(), y_test.max())) + 1
+    num_classes = int(max(labels.shape[1] - 1 if soft else labels.max(), y_test.max())) + 1
+    if soft and num_classes != labels.shape[1]:
+        raise ValueError(f"y_test has class {int(y_test.max())}, but the soft labels cover {labels.shape[1]} classes")
     accs = []
     runs = range(n_models)
     if progress:

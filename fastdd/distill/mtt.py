@@ -6,6 +6,11 @@ SGD steps on the synthetic set with a learnable learning rate (``exp(log_lr)``: 
 positive), and minimizes ``||theta_N - theta*||^2 / ||theta_0 - theta*||^2`` with ``theta*``
 the expert at epoch ``s + expert_epochs``.
 
+``learn_labels=True`` also learns soft labels (DATM, Guo et al. 2024): per-image logits initialized
+with the expert's logits at ``max_start_epoch`` on the initial images, trained by the same loss; the
+student trains on ``softmax(logits)`` as cross-entropy targets, and the set carries them as
+``soft_labels``.
+
 ``low_memory=True`` gives the same gradients with the memory of one student step instead
 of ``syn_steps``: the student's parameters are kept after each step (a flat vector each),
 and the backward walks the steps in reverse, recomputing each step's graph and carrying
@@ -85,6 +90,8 @@ class TrajectoryMatching(Distiller):
         init: ``"real"`` images of each class (default) or ``"noise"``.
         low_memory: recompute each student step in the backward instead of keeping all
             ``syn_steps`` graphs (same result; memory of one step).
+        learn_labels, lr_label: learn soft labels (DATM) with SGD at ``lr_label`` (``momentum`` as
+            the images); ``soft_labels`` holds them as class probabilities.
     """
 
     description = "trajectory matching"
@@ -93,7 +100,7 @@ class TrajectoryMatching(Distiller):
                  model_options: dict | None = None, syn_steps: int = 10, expert_epochs: int = 2,
                  max_start_epoch: int = 5, lr_img: float = 100.0, lr_lr: float = 0.01, lr_init: float = 0.01,
                  momentum: float = 0.5, dsa: DSA | None = None, low_memory: bool = False, init: str = "real",
-                 seed: int = 0):
+                 learn_labels: bool = False, lr_label: float = 5.0, seed: int = 0):
         self._setup(X, y, ipc, model, model_options, seed)
         if not experts:
             raise ValueError("experts is empty: train them with train_experts()")
@@ -114,10 +121,21 @@ class TrajectoryMatching(Distiller):
         self.opt_img = torch.optim.SGD([self.images], lr=lr_img, momentum=momentum)
         self.opt_lr = torch.optim.SGD([self.log_lr], lr=lr_lr, momentum=momentum)
         self.dsa, self.low_memory = dsa, low_memory
+        self.label_logits = None
+        if learn_labels:
+            with torch.no_grad():
+                logits = self._forward(experts[0].to(X.device).float()[max_start_epoch], self.images.detach())
+            self.label_logits = logits.detach().clone().requires_grad_(True)
+            self.opt_label = torch.optim.SGD([self.label_logits], lr=lr_label, momentum=momentum)
 
     @property
     def lr(self) -> float:
         return float(self.log_lr.detach().exp())
+
+    @property
+    def soft_labels(self) -> torch.Tensor | None:
+        """The learned labels as class probabilities ``[n, C]`` (None without ``learn_labels``)."""
+        return None if self.label_logits is None else torch.softmax(self.label_logits.detach(), 1)
 
     def _forward(self, flat, x):
         params = dict(zip(self.names, (t.view(s) for t, s in zip(torch.split(flat, self.sizes), self.shapes))))
@@ -130,24 +148,32 @@ class TrajectoryMatching(Distiller):
         start, target = traj[s], traj[s + self.expert_epochs]
         self.opt_img.zero_grad()
         self.opt_lr.zero_grad()
+        if self.label_logits is not None:
+            self.opt_label.zero_grad()
         augs = [self.dsa.sample(self.gen) if self.dsa is not None else None for _ in range(self.syn_steps)]
         match = (self._match_low_memory if self.low_memory else self._match_unrolled)(start, target, augs)
         if not torch.isfinite(match):
             raise FloatingPointError(f"non-finite trajectory-matching loss at iteration {self.iteration}")
         self.opt_img.step()
         self.opt_lr.step()
+        if self.label_logits is not None:
+            self.opt_label.step()
         self.iteration += 1
         return float(match.detach())
 
-    def _student_loss(self, theta, images, aug):
+    def _student_loss(self, theta, images, aug, targets):
         x = self.dsa.apply(images, aug) if aug is not None else images
-        return F.cross_entropy(self._forward(theta, x), self.labels)
+        return F.cross_entropy(self._forward(theta, x), targets)
+
+    def _targets(self, label_logits):
+        return self.labels if label_logits is None else torch.softmax(label_logits, 1)
 
     def _match_unrolled(self, start, target, augs) -> torch.Tensor:
-        """All student steps in one graph; backward fills the images' and log_lr's .grad."""
+        """All student steps in one graph; backward fills the images', log_lr's (and labels') .grad."""
         theta, lr = start.clone().requires_grad_(True), self.log_lr.exp()
+        targets = self._targets(self.label_logits)
         for aug in augs:
-            (g,) = torch.autograd.grad(self._student_loss(theta, self.images, aug), theta, create_graph=True)
+            (g,) = torch.autograd.grad(self._student_loss(theta, self.images, aug, targets), theta, create_graph=True)
             theta = theta - lr * g
         match = (theta - target).square().sum() / (start - target).square().sum().clamp_min(1e-12)
         if torch.isfinite(match):
@@ -158,10 +184,12 @@ class TrajectoryMatching(Distiller):
         """The same gradients by reverse recomputation: keep theta_k, rebuild one step at a time."""
         lr = float(self.log_lr.detach().exp())
         images = self.images.detach()
+        learn_labels = self.label_logits is not None
+        targets = self._targets(self.label_logits.detach() if learn_labels else None)
         thetas = [start]
         for aug in augs:  # forward: no graph kept beyond the step
             theta = thetas[-1].detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self._student_loss(theta, images, aug), theta)
+            (g,) = torch.autograd.grad(self._student_loss(theta, images, aug, targets), theta)
             thetas.append((theta - lr * g).detach())
         denom = (start - target).square().sum().clamp_min(1e-12)
         match = (thetas[-1] - target).square().sum() / denom
@@ -170,20 +198,30 @@ class TrajectoryMatching(Distiller):
         adjoint = 2 * (thetas[-1] - target) / denom  # dJ/dtheta_N
         grad_images, grad_lr = torch.zeros_like(images), torch.zeros((), dtype=start.dtype, device=start.device)
         x = images.requires_grad_(True)
+        logits = self.label_logits.detach().requires_grad_(True) if learn_labels else None
+        inputs = (x, logits) if learn_labels else (x,)
+        grad_logits = torch.zeros_like(logits) if learn_labels else None
         for k in reversed(range(len(augs))):
             theta = thetas[k].detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self._student_loss(theta, x, augs[k]), theta, create_graph=True)
+            loss = self._student_loss(theta, x, augs[k], self._targets(logits))
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
             # theta_{k+1} = theta_k - lr g(theta_k, x): pull the adjoint back through the step
-            d_theta, d_x = torch.autograd.grad(g, (theta, x), grad_outputs=adjoint)
+            d_theta, *d_in = torch.autograd.grad(g, (theta, *inputs), grad_outputs=adjoint)
             grad_lr -= (adjoint * g.detach()).sum()
-            grad_images -= lr * d_x
+            grad_images -= lr * d_in[0]
+            if learn_labels:
+                grad_logits -= lr * d_in[1]
             adjoint = adjoint - lr * d_theta
         self.images.grad = grad_images
+        if learn_labels:
+            self.label_logits.grad = grad_logits
         self.log_lr.grad = (grad_lr * lr).to(self.log_lr.dtype)  # d/dlog_lr = lr d/dlr
         return match.detach()
 
     def _learned(self) -> dict:
-        return {"images": self.images, "log_lr": self.log_lr}
+        learned = {"images": self.images, "log_lr": self.log_lr}
+        return learned if self.label_logits is None else {**learned, "label_logits": self.label_logits}
 
     def _optimizers(self) -> dict:
-        return {"opt_img": self.opt_img, "opt_lr": self.opt_lr}
+        opts = {"opt_img": self.opt_img, "opt_lr": self.opt_lr}
+        return opts if self.label_logits is None else {**opts, "opt_label": self.opt_label}
