@@ -295,38 +295,31 @@ def table(args, results):
              f"over {args.eval_models} fresh models (protocol in the script's docstring). Paper: the seed papers' figures; "
              f"diff = fastdd - paper. Full training set in the papers: {PAPER_FULL}."
              f"{' Each cell ran under the wall-time cap M of its row in the time table.' if args.budget == 'cpu' else ''}", ""]
-    head = "| method | " + " | ".join(f"ipc {i}: fastdd | paper | diff | iterations" for i in args.ipc) + " |"
-    lines += [head, "|---|" + "---|---|---|---|" * len(args.ipc)]
-    for method in [m for m in args.methods if m not in SOFT]:
-        row = [method]
-        for ipc in args.ipc:
-            e, paper = cell(method, ipc), PAPER.get(method, {}).get(ipc)
-            if e is None:
-                row += ["not run", f"{paper}" if paper else "-", "", ""]
-                continue
-            its = "-" if method in SELECTIONS else f"{e['iterations']} / {e['paper_iterations']}"
-            row += [f"{e['accuracy']:.1f} ± {e['std']:.1f}", f"{paper}" if paper else "-",
-                    f"{e['accuracy'] - paper:+.1f}" if paper else "", its]
-        lines.append("| " + " | ".join(row) + " |")
+    def rows(methods, reference, name):
+        """One row per method: fastdd, the figure it is compared with (``reference[method][ipc]``), diff."""
+        out = ["| method | " + " | ".join(f"ipc {i}: fastdd | {name} | diff | iterations" for i in args.ipc) + " |",
+               "|---|" + "---|---|---|---|" * len(args.ipc)]
+        for method in methods:
+            row = [method]
+            for ipc in args.ipc:
+                e, ref = cell(method, ipc), reference(method).get(ipc)
+                if e is None:
+                    row += ["not run", f"{ref}" if ref else "-", "", ""]
+                    continue
+                its = "-" if method in SELECTIONS else f"{e['iterations']} / {e['paper_iterations']}"
+                row += [f"{e['accuracy']:.1f} ± {e['std']:.1f}", f"{ref}" if ref else "-",
+                        f"{e['accuracy'] - ref:+.1f}" if ref else "", its]
+            out.append("| " + " | ".join(row) + " |")
+        return out
+
+    lines += rows([m for m in args.methods if m not in SOFT], lambda m: PAPER.get(m, {}), "paper")
     soft = [m for m in args.methods if m in SOFT]
     if soft:
         lines += ["", "## Soft labels (their own rows)", "",
                   "`mtt_soft`: MTT learning its labels (DATM: logits initialized with expert 0's at max_start_epoch, "
                   "learned by the matching loss); `random_soft`: a random subset with the labels `mtt_soft` starts "
-                  "from and the same DSA augmentation. Target: the learned-label kernel methods' range.", "",
-                  "| method | " + " | ".join(f"ipc {i}: fastdd | target | diff | iterations" for i in args.ipc) + " |",
-                  "|---|" + "---|---|---|---|" * len(args.ipc)]
-        for method in soft:
-            row = [method]
-            for ipc in args.ipc:
-                e, target = cell(method, ipc), SOFT_TARGET.get(ipc)
-                if e is None:
-                    row += ["not run", f"{target}" if target else "-", "", ""]
-                    continue
-                its = "-" if method in SELECTIONS else f"{e['iterations']} / {e['paper_iterations']}"
-                row += [f"{e['accuracy']:.1f} ± {e['std']:.1f}", f"{target}" if target else "-",
-                        f"{e['accuracy'] - target:+.1f}" if target else "", its]
-            lines.append("| " + " | ".join(row) + " |")
+                  "from and the same DSA augmentation. Target: the learned-label kernel methods' range.", ""]
+        lines += rows(soft, lambda m: SOFT_TARGET, "target")
     lines += ["", "## Time and peak memory", "",
               "| method | ipc | cap (min) | s / iteration | distillation (min) | evaluation (min) | curve evaluation (min) | "
               "experts (min) | peak RSS (MB) | of which data (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
