@@ -62,10 +62,12 @@ class DistributionMatching(Distiller):
         syn = self.images
         if self.dsa is not None:
             real, syn = self.dsa(real, syn, self.gen)  # one draw for both sides
-        f_syn = embed(syn)
         mine = shard(len(real))  # under torch.distributed each rank embeds a share of the real batch
         with torch.no_grad():
             f_mine = [embed(real[mine][rows]) for rows in self._class_slices(real_labels[mine])]
+        # the synthetic images' graph after the real pass: alive during it, it made the real pass
+        # 20% slower on MNIST shapes (ipc 10, CPU: 3.03 s -> 2.50 s per iteration)
+        f_syn = embed(syn)
         f_real = all_gather_rows(torch.cat(f_mine) if f_mine else f_syn.new_zeros(0, f_syn.shape[1]))
         real_counts = torch.bincount(real_labels, minlength=self.num_classes)  # rows come grouped by class
         syn_counts = torch.full((self.num_classes,), self.ipc)
