@@ -454,6 +454,8 @@ def main():
     p.add_argument("--tune-epochs", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out-dir", default=os.path.join("bench", "measured", "distillation"))
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table, curves and image grids from results.json; run nothing")
     p.add_argument("--cell", default=None, help=argparse.SUPPRESS)  # method:ipc, run in a child process
     p.add_argument("--tuned-json", default="{}", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -471,7 +473,7 @@ def main():
         return
     results = Results(os.path.join(args.out_dir, "results.json"))
     grids = parse_tune(args.tune)
-    for ipc in args.ipc:
+    for ipc in ([] if args.report_only else args.ipc):
         for method in args.methods:
             tag = f"{method}_ipc{ipc}_{args.budget}"
             if results.get(tag) is not None:
@@ -491,7 +493,7 @@ def main():
             results = Results(os.path.join(args.out_dir, "results.json"))
             write_report(os.path.join(args.out_dir, f"table_{args.budget}.md"), table(args, results.data))
             plot(args, results.data)
-    for ipc in args.ipc:
+    for ipc in ([] if args.report_only else args.ipc):
         for method in args.methods:
             for arch in args.transfer:
                 entry = results.get(f"{method}_ipc{ipc}_{args.budget}")
