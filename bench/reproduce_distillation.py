@@ -387,8 +387,8 @@ def plot(args, results):
             if e is None:
                 continue
             if method in SELECTIONS:
-                ax.axhline(e["accuracy"], ls="--", lw=1, color="grey" if method == "random" else "black",
-                           label=f"{method} subset")
+                colors = {"random": "grey", "random_soft": "tab:brown"}
+                ax.axhline(e["accuracy"], ls="--", lw=1, color=colors.get(method, "black"), label=f"{method} subset")
                 continue
             pts = sorted(e["curve"])
             line, = ax.plot([max(p[0], 1) for p in pts], [p[1] for p in pts], marker="o", label=method.upper())
