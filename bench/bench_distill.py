@@ -161,8 +161,10 @@ def _engine(method, syn_steps=10, device="cpu", low_memory=False, dataset=None, 
         return GradientMatching(X, y, ipc, model_options=opts, seed=0)
     if method == "dm":
         return DistributionMatching(X, y, ipc, model_options=opts, seed=0)
-    if dataset:  # experts on 2,000 images: the trajectory's length, not its quality, sets MTT's cost
-        X, y = X[:2000], y[:2000]
+    if dataset:  # experts on 2,000 random images (files may come sorted by class): the trajectory's
+        # length, not its quality, sets MTT's cost
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:2000]
+        X, y = X[keep], y[keep]
     experts = train_experts(X, y, n_experts=1, epochs=4, model_options=opts, batch_size=256, seed=0)
     torch.manual_seed(0)
     return TrajectoryMatching(d.X_train.to(device), d.y_train.to(device), ipc, experts, model_options=opts,
