@@ -80,6 +80,11 @@ PAPER_ITERATIONS["mtt_soft"] = PAPER_ITERATIONS["mtt"]
 SOFT_TARGET = {1: 94.0, 10: 98.5}  # the issue's: the learned-label kernel methods' 94.4-94.7 / 98.5-98.9
 
 
+def base(method):
+    """The fastdd method a row runs (``mtt_soft`` is MTT with learned labels)."""
+    return BASE.get(method, method)
+
+
 def split(path, n_val=5000):
     """(train, validation, test) tensors: the validation split is a stratified draw from training."""
     data = load(path)
@@ -102,7 +107,7 @@ def method_options(method, ipc, budget, experts=None, tuned=None):
     options = {"model_options": dict(MODEL_OPTIONS)}
     if method == "mtt_soft":
         options["learn_labels"] = True
-    if BASE.get(method, method) == "mtt":
+    if base(method) == "mtt":
         options.update(MTT_OPTIONS[ipc])
         options["experts"] = experts
         epochs = len(experts[0]) - 1
@@ -135,7 +140,7 @@ def distill_timed(args, method, ipc, X, y, options, deadline, tag):
     syn = None
     marks = milestones(total)
     if 0 not in snaps:
-        syn = distill(X, y, BASE.get(method, method), ipc, iterations=0, **options)
+        syn = distill(X, y, base(method), ipc, iterations=0, **options)
         snaps[0], snaps["lr0"], snaps["soft0"] = syn.images.clone(), syn.lr, syn.soft_labels
         torch.save(snaps, snaps_path)
     while done < total and time.time() < deadline:
@@ -144,7 +149,7 @@ def distill_timed(args, method, ipc, X, y, options, deadline, tag):
         chunk = 10 if per_it is None else max(1, min(10, int((deadline - time.time()) / per_it)))
         target = min(total, done + chunk, next(m for m in marks if m > done))
         start = time.perf_counter()
-        syn = distill(X, y, BASE.get(method, method), ipc, iterations=target, checkpoint=ckpt,
+        syn = distill(X, y, base(method), ipc, iterations=target, checkpoint=ckpt,
                       checkpoint_every=chunk, **options)
         spent += time.perf_counter() - start
         done = target
@@ -155,7 +160,7 @@ def distill_timed(args, method, ipc, X, y, options, deadline, tag):
             snaps[f"lr{done}"], snaps[f"soft{done}"] = syn.lr, syn.soft_labels
             torch.save(snaps, snaps_path)
     if syn is None:  # resumed a finished run
-        syn = distill(X, y, BASE.get(method, method), ipc, iterations=done, checkpoint=ckpt, **options)
+        syn = distill(X, y, base(method), ipc, iterations=done, checkpoint=ckpt, **options)
     return syn, snaps, spent, done
 
 
@@ -221,7 +226,7 @@ def run_cell(args, method, ipc):
         entry.update(distill_seconds=time.perf_counter() - start, iterations=0, curve=[], options=options)
     else:
         experts = None
-        if BASE.get(method, method) == "mtt":
+        if base(method) == "mtt":
             experts, entry["experts_seconds"] = expert_trajectories(args, X, y)
             entry["experts"] = EXPERTS[args.budget]
         tuned = args.tuned.get(method, {})
@@ -245,7 +250,7 @@ def run_cell(args, method, ipc):
         for it in points:
             if it == done:
                 continue
-            snap = SyntheticSet(snaps[it], syn.labels, snaps.get(f"lr{it}"), BASE.get(method, method), ipc,
+            snap = SyntheticSet(snaps[it], syn.labels, snaps.get(f"lr{it}"), base(method), ipc,
                                 soft_labels=snaps.get(f"soft{it}"))
             m, s = evaluate(snap, Xt, yt, n_models=args.curve_models, seed=100, model_options=MODEL_OPTIONS)
             curve.append([it, 100 * m, 100 * s])
@@ -255,7 +260,7 @@ def run_cell(args, method, ipc):
     start = time.perf_counter()
     m, s = evaluate(syn, Xt, yt, n_models=args.eval_models, augment=augment, seed=0, model_options=MODEL_OPTIONS)
     entry.update(accuracy=100 * m, std=100 * s, eval_seconds=time.perf_counter() - start, lr=syn.lr,
-                 augment=augment if augment != "auto" else _aug_name(paper_augmentation(BASE.get(method, method),
+                 augment=augment if augment != "auto" else _aug_name(paper_augmentation(base(method),
                                                                                          X.shape[1:])))
     if entry.get("curve") is not None and method not in SELECTIONS:
         entry["curve"].append([entry["iterations"], 100 * m, 100 * s])
@@ -419,12 +424,12 @@ def tune(args, method, ipc, grid):
     """Each value of each key, by the validation accuracy of a short run (never the test set)."""
     (X, y), (Xv, yv), _, _ = split(args.dataset)
     chosen, scores = {}, {}
-    experts = expert_trajectories(args, X, y)[0] if BASE.get(method, method) == "mtt" else None
+    experts = expert_trajectories(args, X, y)[0] if base(method) == "mtt" else None
     for key, values in grid.items():
         best = None
         for v in values:
             options = method_options(method, ipc, args.budget, experts, {**chosen, key: v})
-            syn = distill(X, y, BASE.get(method, method), ipc, iterations=args.tune_iterations, **options)
+            syn = distill(X, y, base(method), ipc, iterations=args.tune_iterations, **options)
             m, _ = evaluate(syn, Xv, yv, n_models=1, epochs=args.tune_epochs, seed=7, model_options=MODEL_OPTIONS)
             scores[f"{key}={v}"] = 100 * m
             if best is None or m > best[0]:

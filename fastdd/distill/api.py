@@ -264,6 +264,6 @@ def distill(X: torch.Tensor, y, method: str, ipc: int, model="convnet", iteratio
         if checkpoint and (engine.iteration % checkpoint_every == 0 or engine.iteration == iterations):
             _checkpoint.save(checkpoint, {"identity": identity, "engine": engine.state_dict()})
     lr = engine.lr if hasattr(engine, "lr") else None
-    soft = getattr(engine, "soft_labels", None)
+    soft = getattr(engine, "soft_labels", None)  # a fresh tensor (the property computes it)
     return SyntheticSet(engine.images.detach().clone(), engine.labels.clone(), lr, method, ipc,
-                        {"iterations": engine.iteration}, None if soft is None else soft.clone())
+                        {"iterations": engine.iteration}, soft)

@@ -91,9 +91,12 @@ def evaluate(images, labels=None, X_test=None, y_test=None, model="convnet", n_m
     augment = _augmentation(augment, method, tuple(images.shape[1:]))
     epochs = check_positive_int(epochs if epochs is not None else (300 if augment is None else 1000), "epochs")
     batch_size = check_positive_int(batch_size, "batch_size")
-    num_classes = int(max(labels.shape[1] - 1 if soft else labels.max(), y_test.max())) + 1
-    if soft and num_classes != labels.shape[1]:
-        raise ValueError(f"y_test has class {int(y_test.max())}, but the soft labels cover {labels.shape[1]} classes")
+    if soft:
+        num_classes = labels.shape[1]
+        if int(y_test.max()) >= num_classes:
+            raise ValueError(f"y_test has class {int(y_test.max())}, but the soft labels cover {num_classes} classes")
+    else:
+        num_classes = int(max(labels.max(), y_test.max())) + 1
     accs = []
     runs = range(n_models)
     if progress:

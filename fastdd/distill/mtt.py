@@ -146,18 +146,14 @@ class TrajectoryMatching(Distiller):
         s = int(torch.randint(self.max_start, (1,), generator=self.gen))
         traj = self.experts[e].to(self.images.device).float()
         start, target = traj[s], traj[s + self.expert_epochs]
-        self.opt_img.zero_grad()
-        self.opt_lr.zero_grad()
-        if self.label_logits is not None:
-            self.opt_label.zero_grad()
+        for opt in self._optimizers().values():
+            opt.zero_grad()
         augs = [self.dsa.sample(self.gen) if self.dsa is not None else None for _ in range(self.syn_steps)]
         match = (self._match_low_memory if self.low_memory else self._match_unrolled)(start, target, augs)
         if not torch.isfinite(match):
             raise FloatingPointError(f"non-finite trajectory-matching loss at iteration {self.iteration}")
-        self.opt_img.step()
-        self.opt_lr.step()
-        if self.label_logits is not None:
-            self.opt_label.step()
+        for opt in self._optimizers().values():
+            opt.step()
         self.iteration += 1
         return float(match.detach())
 
