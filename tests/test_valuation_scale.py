@@ -334,6 +334,40 @@ def test_inrun_values_are_lr_times_dots_with_the_validation_gradient_and_the_ste
         valuer.backward(X[:2], y[:2], [0, 20], lr=0.1)
 
 
+def test_inrun_draws_a_fresh_validation_batch_each_step_from_its_seed():
+    # steps reuse one buffer for the training and validation rows: each step's values must use that
+    # step's inputs and its own validation draw (seeded: Generator(seed), val_batch_size rows a step)
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    plain = copy.deepcopy(model)
+    X, y = torch.randn(16, 5, dtype=torch.float64), torch.randint(0, 3, (16,))
+    Xv, yv = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    from fastdd.valuation import InRunValuation
+
+    valuer = InRunValuation(model, Xv, yv, n_train=16, val_batch_size=4, seed=3)
+    draws = torch.Generator().manual_seed(3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.2)
+    expected = torch.zeros(16, dtype=torch.float64)
+    for step in range(4):
+        idx = torch.arange(4 * step, 4 * step + 4)
+        rows = torch.randint(0, 12, (4,), generator=draws)
+        g = fastdd.per_sample_grads(plain, X[idx], y[idx])
+        gv = fastdd.per_sample_grads(plain, Xv[rows], yv[rows])
+        flat = torch.cat([t.flatten(1) for t in g.values()], 1)
+        val = torch.cat([t.flatten(1) for t in gv.values()], 1).mean(0)
+        expected.index_add_(0, idx, 0.2 * flat @ val)
+        opt_plain.zero_grad()
+        F.cross_entropy(plain(X[idx]), y[idx]).backward()
+        opt_plain.step()
+        opt.zero_grad()
+        valuer.backward(X[idx], y[idx], idx, lr=0.2)
+        opt.step()
+    assert_close(valuer.values, expected, atol=1e-12, rtol=1e-9, name="in-run values with drawn validation rows")
+
+
 def test_inrun_values_flag_mislabelled_points():
     # a point whose label was flipped pushes the model away from the validation data
     torch.manual_seed(0)

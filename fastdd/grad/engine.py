@@ -73,6 +73,8 @@ class _Call:
 
 
 def _batch_size(args, kwargs) -> int | None:
+    if not kwargs and args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+        return args[0].shape[0]  # the common call, model(x), without a pytree walk (every step pays it)
     for leaf in tree_flatten((args, kwargs))[0]:
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return leaf.shape[0]

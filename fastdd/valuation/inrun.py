@@ -62,15 +62,40 @@ class InRunValuation:
         self.values = torch.zeros(self.n_train, dtype=torch.float64)
         self.steps = 0
         self._gen = torch.Generator().manual_seed(seed)
+        self._step_rows = None  # (key, x, t): the [B + m] rows of the last step, reused when shapes repeat
         self._capture = _Capture(model, self.selected, grad_hooks=False)  # hooks go on for each step only
 
-    def _val_batch(self):
+    def _val_rows(self):
+        """The validation rows of this step: all of them, or a batch drawn with replacement (an
+        unbiased estimate of the full validation gradient either way)."""
         n = len(self.X_val)
         if n <= self.val_batch_size:
-            return self.X_val, self.y_val
-        # drawn with replacement: an unbiased estimate of the full validation gradient either way
-        rows = torch.randint(0, n, (self.val_batch_size,), generator=self._gen).to(self.X_val.device)
-        return self.X_val[rows], self.y_val[rows]
+            return None
+        return torch.randint(0, n, (self.val_batch_size,), generator=self._gen)
+
+    def _step_batch(self, inputs, targets):
+        """``[B + m]`` inputs and targets: the training batch, then the validation rows, written into
+        buffers kept from the last step when the shapes repeat (a training loop's steps): no fresh
+        concatenation per step, and a full validation set is copied in once."""
+        rows = self._val_rows()
+        rows = None if rows is None else rows.to(inputs.device)
+        key = (inputs.shape, inputs.dtype, inputs.device, targets.shape, targets.dtype, targets.device)
+        if self._step_rows is not None and self._step_rows[0] == key and not inputs.requires_grad:
+            _, x, t = self._step_rows
+            B = len(inputs)
+            with torch.no_grad():
+                x[:B].copy_(inputs)
+                t[:B].copy_(targets)
+                if rows is not None:
+                    torch.index_select(self._val_cast[0], 0, rows, out=x[B:])
+                    torch.index_select(self._val_cast[1], 0, rows, out=t[B:])
+            return x, t
+        # the validation set in the training batch's dtype and device, once
+        self._val_cast = (self.X_val.to(inputs.device, inputs.dtype), self.y_val.to(targets.device, targets.dtype))
+        xv, yv = self._val_cast if rows is None else (self._val_cast[0][rows], self._val_cast[1][rows])
+        x, t = torch.cat([inputs, xv]), torch.cat([targets, yv])  # (cat checks that the shapes agree)
+        self._step_rows = None if inputs.requires_grad else (key, x, t)
+        return x, t
 
     def backward(self, inputs: torch.Tensor, targets: torch.Tensor, indices, lr: float) -> torch.Tensor:
         """The step's backward: writes the mean training loss's gradient into ``.grad`` (as
@@ -85,10 +110,8 @@ class InRunValuation:
                              f"{len(indices)}")
         if len(indices) and (indices.min() < 0 or indices.max() >= self.n_train):
             raise ValueError(f"indices must lie in [0, {self.n_train}), got [{int(indices.min())}, {int(indices.max())}]")
-        xv, yv = self._val_batch()
-        x = torch.cat([inputs, xv.to(inputs.dtype)])
-        t = torch.cat([targets, yv.to(targets.device, targets.dtype)])
-        m = len(xv)
+        x, t = self._step_batch(inputs, targets)
+        m = len(x) - B
         cap = self._capture
         cap.clear()
         with cap, torch.enable_grad():
