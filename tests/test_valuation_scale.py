@@ -298,6 +298,19 @@ def test_gradient_store_writes_in_order(tmp_path):
 
 
 # --------------------------------------------------------------------------- in-run valuation
+def _plain_step_with_inrun_values(model, opt, x, y, xv, yv, idx, lr, values):
+    """The reference: add ``lr <g_i, mean_j g_val_j>`` (explicit per-sample gradients) to
+    ``values[idx]``, then take a plain training step."""
+    g = fastdd.per_sample_grads(model, x, y)
+    gv = fastdd.per_sample_grads(model, xv, yv)
+    flat = torch.cat([t.flatten(1) for t in g.values()], 1)
+    val = torch.cat([t.flatten(1) for t in gv.values()], 1).mean(0)
+    values.index_add_(0, idx, lr * flat @ val)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
 def test_inrun_values_are_lr_times_dots_with_the_validation_gradient_and_the_step_is_unchanged():
     import copy
 
@@ -315,14 +328,7 @@ def test_inrun_values_are_lr_times_dots_with_the_validation_gradient_and_the_ste
     expected = torch.zeros(20, dtype=torch.float64)
     for _ in range(3):
         idx = torch.randperm(20)[:8]
-        g = fastdd.per_sample_grads(plain, X[idx], y[idx])
-        gv = fastdd.per_sample_grads(plain, Xv, yv)
-        flat = torch.cat([t.flatten(1) for t in g.values()], 1)
-        val = torch.cat([t.flatten(1) for t in gv.values()], 1).mean(0)
-        expected.index_add_(0, idx, 0.1 * flat @ val)
-        opt_plain.zero_grad()
-        F.cross_entropy(plain(X[idx]), y[idx]).backward()
-        opt_plain.step()
+        _plain_step_with_inrun_values(plain, opt_plain, X[idx], y[idx], Xv, yv, idx, 0.1, expected)
         opt.zero_grad()
         loss = valuer.backward(X[idx], y[idx], idx, lr=0.1)
         opt.step()
@@ -354,14 +360,7 @@ def test_inrun_draws_a_fresh_validation_batch_each_step_from_its_seed():
     for step in range(4):
         idx = torch.arange(4 * step, 4 * step + 4)
         rows = torch.randint(0, 12, (4,), generator=draws)
-        g = fastdd.per_sample_grads(plain, X[idx], y[idx])
-        gv = fastdd.per_sample_grads(plain, Xv[rows], yv[rows])
-        flat = torch.cat([t.flatten(1) for t in g.values()], 1)
-        val = torch.cat([t.flatten(1) for t in gv.values()], 1).mean(0)
-        expected.index_add_(0, idx, 0.2 * flat @ val)
-        opt_plain.zero_grad()
-        F.cross_entropy(plain(X[idx]), y[idx]).backward()
-        opt_plain.step()
+        _plain_step_with_inrun_values(plain, opt_plain, X[idx], y[idx], Xv[rows], yv[rows], idx, 0.2, expected)
         opt.zero_grad()
         valuer.backward(X[idx], y[idx], idx, lr=0.2)
         opt.step()
