@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import _checkpoint
+from .._compile import check_compile
 from .._validate import as_images, as_labels, check_positive_int
 from ..models import model_identity
 from .augment import DSA
@@ -147,6 +148,7 @@ OPTION_CHECKS = {
     "dsa": _of_type((DSA, type(None)), "a fastdd.distill.augment.DSA or None"),
     "expert_options": _of_type((dict,), "a dict of train_experts keywords"),
     "experts": _of_type((list, tuple), "a list of expert trajectories [epochs + 1, P]"),
+    "compile": lambda name, value: check_compile(value, name),
 }
 
 
