@@ -59,3 +59,14 @@ def test_a_failed_compile_warns_once_and_runs_eagerly():
         assert call(torch.tensor(3.0)).item() == 6.0
     assert call.failed
     assert call(torch.tensor(4.0)).item() == 8.0  # eager from now on, no second warning
+
+
+def test_a_checkpoint_resumes_whatever_the_compile_choice(tmp_path):
+    # compile changes how the steps run, not which run: it is not part of the checkpoint's identity
+    X, y = _images(size=8)
+    kw = dict(ipc=1, model_options=dict(width=8, depth=2), batch_real=8, seed=0)
+    path = str(tmp_path / "dm.pt")
+    distill(X, y, "dm", iterations=2, checkpoint=path, compile=False, **kw)
+    resumed = distill(X, y, "dm", iterations=3, checkpoint=path, compile="auto", **kw)  # 8x8: auto runs eagerly
+    whole = distill(X, y, "dm", iterations=3, compile=False, **kw)
+    assert_close(resumed.images, whole.images, atol=0, rtol=0, name="resumed across compile choices")

@@ -170,6 +170,7 @@ def _resolved_options(method, options) -> dict:
     resolved = {n: options.get(n, params[n].default) for n in method_options(method)
                 if n in params and n != "experts"}
     resolved["model_options"] = resolved.get("model_options") or {}  # None and {} are one run
+    resolved.pop("compile", None)  # how the steps run, not which run: a checkpoint resumes either way
     if method == "dsa" and "dsa" not in options:
         resolved["dsa"] = DSA()  # as _make sets it
     if method == "mtt":
