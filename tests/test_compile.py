@@ -36,6 +36,8 @@ def test_auto_compiles_large_images_only_where_the_toolchain_is(monkeypatch):
     assert not _compile.wants_compile("auto", cpu, (1, 8, 8))  # digits: the compile never pays back
     assert _compile.wants_compile(True, cpu, (1, 8, 8))
     assert not _compile.wants_compile(False, cpu, (1, 28, 28))
+    assert not _compile.wants_compile("auto", torch.device("cuda"), (1, 28, 28))  # measured on a CPU only
+    assert _compile.wants_compile(True, torch.device("cuda"), (1, 28, 28))
     monkeypatch.setattr(_compile, "compile_available", lambda device_type: False)
     assert not _compile.wants_compile("auto", cpu, (1, 28, 28))
     with pytest.raises(ValueError, match="compile=True needs torch.compile's inductor toolchain"):

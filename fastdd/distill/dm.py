@@ -6,9 +6,9 @@ the embeddings) with the same DSA draw on both sides; the synthetic images move 
 SGD (lr 1, momentum 0.5). The per-class MMDs come from one fused op
 (:func:`fastdd.distill.mmd.class_mmd`: segment sums for the linear kernel, fused kernel sums for
 ``kernel="rbf"``), with no loop over classes. The real batch, the bulk of the work, goes through
-the frozen network without a graph: compiled (``compile="auto"``: images of 16x16 and up, where
-inductor runs) in one call when the network has no batch statistics, else class by class on a CPU
-(eager batches of 256 stay in cache).
+the frozen network without a graph: compiled (``compile="auto"``: on a CPU, images of 16x16 and
+up, where inductor runs) in one call when the network has no batch statistics, else class by
+class on a CPU (eager batches of 256 stay in cache).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class DistributionMatching(Distiller):
             MMD, bandwidth by the median heuristic on each real batch unless ``gamma`` is given).
         init: ``"real"`` (random real samples of each class) or ``"noise"``.
         compile: ``torch.compile`` the frozen network's forward of the real batch: ``"auto"``
-            (images of 16x16 and up, where inductor's toolchain is installed), True or False.
+            (on a CPU, images of 16x16 and up, where inductor's toolchain is installed), True or False.
             The first iteration pays the compile (seconds); on 28x28 MNIST the real pass then
             runs 1.5x faster on a CPU. Zoo networks and models with an ``embed()`` method compile;
             others run eagerly.
