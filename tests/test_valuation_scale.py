@@ -340,6 +340,40 @@ def test_inrun_values_are_lr_times_dots_with_the_validation_gradient_and_the_ste
         valuer.backward(X[:2], y[:2], [0, 20], lr=0.1)
 
 
+class _Tied(nn.Module):
+    """A Linear used twice (its parameters' cross terms go through the validation gradient)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner, self.head = nn.Linear(6, 6), nn.Linear(6, 4, bias=False)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+@pytest.mark.parametrize("case", ["tied", "no_bias", "bias_only", "weight_only"])
+def test_inrun_values_match_explicit_dots_on_tied_bias_less_and_partial_layers(case):
+    torch.manual_seed(1)
+    model = (_Tied() if case == "tied" else
+             nn.Sequential(nn.Linear(6, 5, bias=case != "no_bias"), nn.Tanh(), nn.Linear(5, 4))).double()
+    params = {"bias_only": ["0.bias", "2.bias"], "weight_only": ["0.weight", "2.weight"]}.get(case)
+    X, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 4, (12,))
+    Xv, yv = torch.randn(3, 6, dtype=torch.float64), torch.randint(0, 4, (3,))
+    from fastdd.valuation import InRunValuation
+
+    valuer = InRunValuation(model, Xv, yv, n_train=12, params=params)
+    model.zero_grad()
+    valuer.backward(X, y, torch.arange(12), lr=0.5)
+    g = fastdd.per_sample_grads(model, X, y, params=params)
+    gv = fastdd.per_sample_grads(model, Xv, yv, params=params)
+    flat = torch.cat([t.flatten(1) for t in g.values()], 1)
+    val = torch.cat([t.flatten(1) for t in gv.values()], 1).mean(0)
+    assert_close(valuer.values, 0.5 * flat @ val, atol=1e-12, rtol=1e-9, name="in-run values")
+    for name, p in model.named_parameters():
+        if name in g:  # the selected parameters' .grad: the training rows' mean gradient
+            assert_close(p.grad, g[name].mean(0), atol=1e-12, rtol=1e-10, name=f"{name}.grad")
+
+
 def test_inrun_draws_a_fresh_validation_batch_each_step_from_its_seed():
     # steps reuse one buffer for the training and validation rows: each step's values must use that
     # step's inputs and its own validation draw (seeded: Generator(seed), val_batch_size rows a step)

@@ -379,24 +379,30 @@ class _RuleSource:
             grads = self._pick(self.rule.materialize(m, self.call.x[s], self.g[s]), self.scale)
             proj.project_grads(grads, out[s])
 
-    def ghost_cross_dots(self, n: int, weights: torch.Tensor):
-        """``[n]``: ``sum_j weights_j <g_i, g_{n+j}>`` for rows i < n without forming a per-sample
-        gradient, where the layer allows (a Linear over [B, d]: ``(a_i . a_j)(g_i . g_j)``, the ghost
-        dot product, ``n m (d + p)`` flops); None elsewhere (the engine then goes through a vector)."""
+    def mean_and_cross_dots(self, n: int):
+        """For rows ``i < n`` (training) and the ``m`` rows after them (validation), in one pass over a
+        Linear's captured ``[B, d]`` input A and output gradient G: ``({name: mean_{i<n} g_i}, [n]:
+        mean_j <g_i, g_{n+j}>)``, the dots as ghost dot products ``(a_i . a_j + 1)(g_i . g_j)``
+        (``n m (d + p)`` flops, no per-sample gradient); None for other layers."""
         if self.formed is not None or not isinstance(self.rule, LinearRule):
             return None
         A, G = LinearRule._btd(self.call.module, self.call.x, self.g)
         if A.shape[1] != 1:
             return None
         A, G = acc(A[:, 0]), acc(G[:, 0])
-        w = weights.to(G.dtype) * self.scale ** 2
-        K = G[:n] @ G[n:].T  # [n, m]: g_i . g_j
-        if "weight" in self.names:  # (a_i . a_j + 1)(g_i . g_j): weight and bias at once
-            Ka = A[:n] @ A[n:].T
-            if "bias" in self.names:
-                Ka += 1.0
-            K *= Ka
-        return K @ w
+        m = len(G) - n
+        local = set(self.names)
+        with torch.no_grad():
+            grads = {}
+            if "weight" in local:  # the layer's own weight gradient over the training rows, scaled by the GEMM
+                grads["weight"] = torch.addmm(G.new_zeros(()), G[:n].T, A[:n], beta=0, alpha=self.scale / n)
+            if "bias" in local:
+                grads["bias"] = G[:n].sum(0).mul_(self.scale / n)
+            K = G[:n] @ G[n:].T  # [n, m]: g_i . g_j
+            if "weight" in local:  # (a_i . a_j + 1): weight and bias at once
+                K.mul_(torch.addmm(A.new_ones(()) if "bias" in local else A.new_zeros(()), A[:n], A[n:].T))
+            dots = K.sum(1).mul_(self.scale ** 2 / m)
+        return self._pick(grads), dots
 
     def weighted_sums(self, weights, chunk_size, into=None):
         """``sum_i w_i g_i``: the rule's batch sum over the output gradient scaled per sample (the
@@ -564,7 +570,7 @@ class _FuncSource:
                 out[name].index_add_(0, labels[s], acc(grad))
         return out
 
-    def ghost_cross_dots(self, n, weights):
+    def mean_and_cross_dots(self, n):
         return None  # no layer structure to use: the engine goes through a vector
 
     def project(self, proj, out, chunk_size):
@@ -765,37 +771,41 @@ class _Engine:
             src.project(proj, out, chunk_size)
         return out
 
-    def cross_dots(self, n: int, weights: torch.Tensor, chunk_size=None) -> torch.Tensor:
-        """``[n]``: ``sum_j weights_j <g_i, g_{n+j}>`` between rows ``i < n`` and the ``m`` rows after
-        them (e.g. a training batch and a validation batch captured in one backward): ghost dot
-        products where a layer allows, else dots with the rows' weighted sum (tied parameters
+    def mean_and_cross_dots(self, n: int, chunk_size=None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """For a batch of ``n`` training rows followed by ``m`` validation rows captured in one backward
+        (in-run valuation's step): ``({name: mean_{i<n} g_i}, [n]: mean_j <g_i, g_{n+j}>)``. Linear
+        layers give both in one pass (ghost dot products); other sources give the training rows' sum,
+        and their dots go through the validation rows' mean gradient V, ``<g_i, V>`` (tied parameters
         always: their uses' cross terms count)."""
-        device = next(iter(self.selected.values())).device
-        total = torch.zeros(n, dtype=self.acc, device=device)
-        pending = set()
+        m = self.batch_size - n
+        total = torch.zeros(n, dtype=self.acc, device=next(iter(self.selected.values())).device)
+        grads: dict = {}
+        pending = set()  # parameters whose dots go through V
+
+        def add(part):
+            for f, t in part.items():
+                grads[f] = t if f not in grads else grads[f] + t  # a tied parameter's uses add up
+
         for src in self._distinct_sources(self.sources):
             single = all(len(self.sources[f]) == 1 for f in _served(src))
-            part = src.ghost_cross_dots(n, weights) if single else None
-            if part is None:
+            fused = src.mean_and_cross_dots(n) if single else None
+            if fused is None:
+                add(src.row_sums(slice(0, n), 1.0 / n, chunk_size))
                 pending.update(_served(src))
             else:
-                total += part
-        if pending:  # V = sum_j w_j g_{n+j} over every use, then <g_i, V> over every use
+                add(fused[0])
+                total += fused[1]
+        if pending:  # V = mean_j g_{n+j} over every use, then <g_i, V> over every use
             V: dict = {}
-            m = len(weights)
-            uniform = bool((weights == weights[0]).all())  # (in-run valuation's mean): the m rows alone
-            full_w = None if uniform else torch.cat([weights.new_zeros(n), weights])
             for src in self._distinct_sources(pending):
-                part = src.row_sums(slice(n, n + m), float(weights[0]), chunk_size) if uniform \
-                    else src.weighted_sums(full_w, chunk_size)
-                for f, t in part.items():
+                for f, t in src.row_sums(slice(n, n + m), 1.0 / m, chunk_size).items():
                     if f in pending:
                         V[f] = t if f not in V else V[f] + t
-            vectors = {f: v.unsqueeze(0) for f, v in V.items()}
             for src in self._distinct_sources(pending):
-                mine = {f: v for f, v in vectors.items() if f in _served(src)}
+                mine = {f: V[f].unsqueeze(0) for f in _served(src) if f in V}
                 total += src.dots(mine, chunk_size)[:n, 0]
-        return total
+        grads = {name: grads[name] if name in grads else self._zeros(name, (), self.acc) for name in self.selected}
+        return grads, total
 
     def class_sums(self, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
         out = {n: self._zeros(n, (num_classes,), self.acc) for n in self.selected}

@@ -118,13 +118,13 @@ class InRunValuation:
             cap.check_batch_statistics()
             losses = _per_sample_losses(self.loss_fn, self.model(x), t, B + m)
             cap.backward(losses.sum())
-        engine = _Engine(cap)
-        grads = engine.row_sums(slice(0, B), 1.0 / B)  # the mean training gradient, from the captured rows
+        # the mean training gradient and each row's dot with the validation rows' mean gradient,
+        # layer by layer from the captured rows (Linear: one pass for both)
+        grads, dots = _Engine(cap).mean_and_cross_dots(B)
         for name, p in self.selected.items():
             g = grads[name].to(p.dtype)
             p.grad = g if p.grad is None else p.grad.add_(g)
-        dots = engine.cross_dots(B, torch.full((m,), 1.0 / m, dtype=engine.acc, device=losses.device))
-        self.values.index_add_(0, indices.cpu(), float(lr) * dots.detach().double().cpu())
+        self.values.index_add_(0, indices.cpu(), dots.detach().double().cpu().mul_(float(lr)))
         cap.clear()  # let go of the step's activations
         self.steps += 1
         return losses[:B].detach().mean()
