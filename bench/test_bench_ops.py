@@ -101,3 +101,22 @@ def test_grad_distance(benchmark, force_backend, backend):
         return grad
 
     assert torch.isfinite(benchmark(step)).all()
+
+
+@pytest.mark.parametrize("impl", ["fastdd", "aten"])
+@pytest.mark.parametrize("shape", [(256, 128, 28, 28), (128, 32, 28, 28), (100, 128, 7, 7)])
+def test_avg_pool_2x2(benchmark, impl, shape):
+    from fastdd.models.pool import avg_pool_2x2, avg_pool_2x2_ref
+
+    benchmark.group = f"2x2 average pooling {list(shape)}, forward + backward ({DEVICE})"
+    pool = avg_pool_2x2 if impl == "fastdd" else avg_pool_2x2_ref
+    x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+    g = torch.randn(*shape[:2], shape[2] // 2, shape[3] // 2, device=DEVICE)
+
+    def step():
+        (gx,) = torch.autograd.grad(pool(x), x, g)
+        return gx
+
+    gx = benchmark(step)
+    # each output's gradient spread over its window: the same total
+    assert gx.shape == x.shape and float(gx.sum()) == pytest.approx(float(g.sum()), rel=1e-4, abs=1e-1)
