@@ -403,3 +403,31 @@ def test_dots_with_one_vector_through_the_convolution(case):
     expected = sum(g.flatten(1).double() @ vectors[n].flatten(1).double().T for n, g in grads.items())
     got = fastdd.per_sample_grad_dots(model, x, y, vectors, loss_fn=loss)
     assert_close(got, expected, atol=1e-4, rtol=1e-4, name=case)
+
+
+@pytest.mark.parametrize("dtype,offset", [(torch.float64, 0.0), (torch.float32, 0.0), (torch.float32, 100.0)])
+def test_group_norm_reuses_the_forwards_statistics(monkeypatch, dtype, offset):
+    """GroupNorm's per-sample gradients from the forward's own (mean, rstd) equal those from
+    recomputed statistics and vmap's, on uncentred inputs too; a norm layer of another kind recomputes."""
+    from fastdd.grad import engine, rules
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.GroupNorm(3, 6), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(6 * 5 * 5, 4)).to(dtype)
+    x, y = torch.randn(7, 2, 7, 7, dtype=dtype) + offset, torch.randint(0, 4, (7,))
+    seen = []
+    real = rules._GroupStatsRule.saved_stats
+    monkeypatch.setattr(rules._GroupStatsRule, "saved_stats",
+                        lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+    reused = fastdd.per_sample_grads(model, x, y)
+    assert len(seen) == 1 and seen[0] is not None and seen[0][0].shape == (7, 3)
+    monkeypatch.setattr(engine, "_stats_kw", lambda call, s=slice(None): {})
+    recomputed = fastdd.per_sample_grads(model, x, y)
+    ref = vmap_per_sample_grads(model, x, y)
+    tol = dict(atol=1e-10, rtol=1e-8) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-4)
+    for name in ("1.weight", "1.bias"):
+        assert_close(reused[name], recomputed[name], name=name, **tol)
+        assert_close(reused[name], ref[name], name=name, **tol)
+    inst = nn.Sequential(nn.InstanceNorm2d(2, affine=True), nn.Flatten(), nn.Linear(2 * 7 * 7, 4)).to(dtype)
+    with torch.enable_grad():
+        assert rules._GroupStatsRule.saved_stats(rules.rule_for(inst[0]), inst[0], x, inst[0](x)) is None

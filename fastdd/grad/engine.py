@@ -63,6 +63,7 @@ class _Call:
     input_nodes: set = field(default_factory=set)  # autograd nodes that produced the inputs (fallback modules)
     use_rule: bool = False  # served by the module's hand-written rule (else torch.func)
     formed: dict | None = None  # per-sample gradients formed in the backward (eager capture), unscaled
+    stats: tuple | None = None  # the forward's per-sample statistics a rule reuses (GroupNorm's mean, rstd)
 
     @property
     def x(self) -> torch.Tensor:
@@ -222,6 +223,9 @@ class _Capture:
             use_rule=use_rule,
         )
         call.grads = [None] * len(pos)
+        rule = self.rules.get(module)
+        if use_rule and hasattr(rule, "saved_stats"):
+            call.stats = rule.saved_stats(module, first, output)
         if self.grad_hooks:
             for j, edge in enumerate(call.edges):
                 edge.node.register_prehook(self._grad_catcher(call, j, edge.output_nr))
@@ -253,7 +257,7 @@ class _Capture:
         if not call.use_rule or rule is None or m is self.model or not _worth_forming(rule, m, call.x, g):
             return
         with torch.no_grad():
-            call.formed = rule.materialize(m, call.x, g)
+            call.formed = rule.materialize(m, call.x, g, **_stats_kw(call))
         call.args, call.kwargs, call.grads = (), {}, [None]
 
     def _hook(self, module, args, kwargs, output):
@@ -330,7 +334,8 @@ class _RuleSource:
                 res[f] = torch.mul(t[s], self.scale, out=buf) if buf is not None else t[s] * self.scale
             return res
         local_out = None if out is None else {k: out[f] for k, f in self.names.items() if f in out}
-        res = self._pick(self.rule.materialize(self.call.module, self.call.x[s], self.g[s], out=local_out))
+        res = self._pick(self.rule.materialize(self.call.module, self.call.x[s], self.g[s], out=local_out,
+                                               **_stats_kw(self.call, s)))
         if self.scale != 1.0:
             for t in res.values():
                 t.mul_(self.scale)  # fresh results of the rule (or the caller's out= buffers)
@@ -346,8 +351,8 @@ class _RuleSource:
         if self.formed is None:  # (formed in the backward, the layer's input is gone)
             m, x, g = self.call.module, self.call.x, self.g
             if not (keep and _worth_forming(self.rule, m, x, g)):
-                return self._pick(self.rule.sq_norms(m, x, g, chunk_size), self.scale ** 2)
-            self.formed = self._pick(self.rule.materialize(m, x, g))
+                return self._pick(self.rule.sq_norms(m, x, g, chunk_size, **_stats_kw(self.call)), self.scale ** 2)
+            self.formed = self._pick(self.rule.materialize(m, x, g, **_stats_kw(self.call)))
         return {f: acc(t.flatten(1)).square().sum(1) * self.scale ** 2 for f, t in self.formed.items()}
 
     def dots(self, vectors, chunk_size):
@@ -423,6 +428,11 @@ class _RuleSource:
                 return {f: acc(t[rows]).sum(0) * (factor * self.scale) for f, t in self.formed.items()}
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x[rows], self.g[rows], chunk_size,
                                                   scale=factor * self.scale))
+
+
+def _stats_kw(call: _Call, s=slice(None)) -> dict:
+    """The keyword that hands a rule the forward's statistics of samples ``s``, where they were captured."""
+    return {} if call.stats is None else {"stats": tuple(t[s] for t in call.stats)}
 
 
 def _fits(numel: int, dtype: torch.dtype) -> bool:

@@ -395,7 +395,24 @@ class _GroupStatsRule(_AffineNormRule):
         """Channels per statistic group, or None where the layer does not normalize per sample."""
         raise NotImplementedError
 
-    def materialize(self, m, x, g, out=None):
+    def saved_stats(self, m, x, output):
+        """The forward's own group statistics ``(mean, rstd)`` ``[B, groups]``, from the output's
+        autograd node where torch's GroupNorm kernel made it in the accumulation dtype (fp32,
+        float64); None elsewhere (the rule then recomputes them). Taken at forward time: the
+        backward frees the node's saved tensors."""
+        node = getattr(output, "grad_fn", None)
+        if type(node).__name__ != "NativeGroupNormBackward0" or x.dtype != acc_dtype(x):
+            return None
+        try:
+            return node._saved_result1.detach(), node._saved_result2.detach()
+        except (AttributeError, RuntimeError):  # another torch's node layout: recompute
+            return None
+
+    def sq_norms(self, m, x, g, chunk_size=None, stats=None):
+        # [B, C] per-sample gradients are small: formed whole (materialize chunks its passes over x)
+        return {k: acc(t.flatten(1)).square().sum(1) for k, t in self.materialize(m, x, g, stats=stats).items()}
+
+    def materialize(self, m, x, g, out=None, stats=None):
         groups = self.groups(m)
         if groups is None or getattr(m, "weight", None) is None:
             return super().materialize(m, x, g, out)
@@ -403,20 +420,22 @@ class _GroupStatsRule(_AffineNormRule):
         xs, gs = self.split(m, x), self.split(m, g)  # [B, C, S]
         per_group = C // groups
         # per chunk of samples (_norm_chunks: on a CPU x and g are then read from memory once):
-        # torch's own statistics kernel (var_mean is 15x slower on a CPU; its normalized output
-        # is discarded), g . x and sum g
+        # g . x, sum g and, unless the forward's statistics were captured (``stats``), torch's own
+        # statistics kernel (var_mean is 15x slower on a CPU; its normalized output is discarded)
         g_dot_x = torch.empty((B, C), dtype=acc_dtype(g), device=g.device)
         g_sum = torch.empty_like(g_dot_x)
         means, rstds = [], []
         for s in _norm_chunks(x):
             xc, gc = acc(xs[s]), acc(gs[s])
-            _, mean, rstd = torch.native_group_norm(xc, None, None, xc.shape[0], C, xc.shape[2], groups, m.eps)
-            means.append(mean)
-            rstds.append(rstd)
+            if stats is None:
+                _, mean, rstd = torch.native_group_norm(xc, None, None, xc.shape[0], C, xc.shape[2], groups, m.eps)
+                means.append(mean)
+                rstds.append(rstd)
             torch.linalg.vecdot(gc, xc, out=g_dot_x[s])
             torch.sum(gc, 2, out=g_sum[s])
-        mean = torch.cat(means).repeat_interleave(per_group, 1)
-        weight = (g_dot_x - mean * g_sum).mul_(torch.cat(rstds).repeat_interleave(per_group, 1))
+        mean, rstd = (torch.cat(means), torch.cat(rstds)) if stats is None else stats
+        mean = mean.to(g_dot_x.dtype).repeat_interleave(per_group, 1)
+        weight = (g_dot_x - mean * g_sum).mul_(rstd.to(g_dot_x.dtype).repeat_interleave(per_group, 1))
         res = {"weight": weight.to(g.dtype)}
         if getattr(m, "bias", None) is not None:
             res["bias"] = g_sum.to(g.dtype)
