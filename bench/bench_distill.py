@@ -38,6 +38,7 @@ import sys
 import time
 
 from _report import STEADY_MALLOC, reset_peak_rss, rss_kb, write_report
+from workloads import with_aten_pooling
 
 OPTS = dict(width=64, depth=2)
 IPC = 10
@@ -45,20 +46,6 @@ MNIST_OPTS = dict(width=128, depth=3)
 
 
 # --------------------------------------------------------------------------- references
-def _as_reference(net):
-    """``net`` with the reference code's pooling (ATen's ``nn.AvgPool2d``) in place of fastdd's
-    CPU-fast 2x2 pooling: the same computation, as the reference runs it."""
-    from torch import nn
-
-    from fastdd.models.pool import AvgPool2x2
-
-    for module in list(net.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, AvgPool2x2):
-                setattr(module, name, nn.AvgPool2d(2, 2))
-    return net
-
-
 def _class_real_batch(engine, c):
     """Class ``c``'s real batch (the reference code's ``get_images(c, batch_real)``)."""
     import torch
@@ -98,7 +85,7 @@ def dc_reference_step(engine):
     import torch
     import torch.nn.functional as F
 
-    net = _as_reference(engine._fresh_net())
+    net = with_aten_pooling(engine._fresh_net())
     params = list(net.parameters())
     net_opt = torch.optim.SGD(net.parameters(), lr=engine.lr_net)
     for outer in range(engine.outer_loop):
@@ -125,7 +112,7 @@ def _eager_embedder(engine):
     """A fresh frozen network's embedding, eager (the reference code compiles nothing)."""
     from fastdd.models import embedding_fn
 
-    return embedding_fn(_as_reference(engine._frozen_net()))
+    return embedding_fn(with_aten_pooling(engine._frozen_net()))
 
 
 def dm_reference_step(engine):
@@ -150,7 +137,7 @@ def dc_shared_part(engine):
     import torch
     import torch.nn.functional as F
 
-    net = _as_reference(engine._fresh_net())
+    net = with_aten_pooling(engine._fresh_net())
     params = list(net.parameters())
     net_opt = torch.optim.SGD(net.parameters(), lr=engine.lr_net)
     for _ in range(engine.outer_loop):

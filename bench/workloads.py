@@ -102,3 +102,15 @@ def dedup_embeddings(n: int = 60_000, d: int = 32, duplicates: float = 0.05):
     src = torch.randint(0, n - n_dup, (n_dup,), generator=gen)
     dups = base[src] + 1e-3 * torch.randn(n_dup, d, generator=gen)
     return torch.cat([base, dups]), n_dup
+
+
+def with_aten_pooling(net):
+    """``net`` with ATen's ``nn.AvgPool2d`` in place of every fastdd ``AvgPool2x2`` (the same
+    computation): the reference code's ConvNet, for comparisons with it."""
+    from fastdd.models.pool import AvgPool2x2
+
+    for module in list(net.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, AvgPool2x2):
+                setattr(module, name, nn.AvgPool2d(2, 2))
+    return net
