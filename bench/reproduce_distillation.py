@@ -136,7 +136,7 @@ def distill_timed(args, method, ipc, X, y, options, deadline, tag):
     snaps = torch.load(snaps_path) if os.path.exists(snaps_path) else {}
     timing_path = ckpt + ".seconds"
     spent = float(open(timing_path).read()) if os.path.exists(timing_path) else 0.0
-    done = max(snaps) if snaps else 0
+    done = max((k for k in snaps if isinstance(k, int)), default=0)  # (keys also hold "lr<i>", "soft<i>")
     syn = None
     marks = milestones(total)
     if 0 not in snaps:
