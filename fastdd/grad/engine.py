@@ -204,7 +204,8 @@ class _Capture:
         in_leaves = list(args) if not kwargs and all(isinstance(a, torch.Tensor) for a in args) \
             else tree_flatten((args, kwargs))[0]  # (the common case without a pytree walk)
         first = next((t for t in in_leaves if isinstance(t, torch.Tensor)), None)
-        use_rule = self.rules.get(module) is not None and first is not None and first.dim() > 0 and first.shape[0] == B
+        rule = self.rules.get(module)
+        use_rule = rule is not None and first is not None and first.dim() > 0 and first.shape[0] == B
         input_nodes = set()
         if not use_rule:
             for leaf in in_leaves:
@@ -223,8 +224,7 @@ class _Capture:
             use_rule=use_rule,
         )
         call.grads = [None] * len(pos)
-        rule = self.rules.get(module)
-        if use_rule and hasattr(rule, "saved_stats"):
+        if use_rule:
             call.stats = rule.saved_stats(module, first, output)
         if self.grad_hooks:
             for j, edge in enumerate(call.edges):
@@ -823,15 +823,6 @@ class _Engine:
             for f, t in src.class_sums(labels, num_classes, chunk_size).items():
                 out[f] += t
         return out
-
-    def row_sums(self, rows: slice, factor: float, chunk_size=None) -> dict[str, torch.Tensor]:
-        """``{name: factor * sum_{i in rows} g_i}`` in the accumulation dtype (the batch gradient of
-        those rows' loss, e.g. the training rows of a batch with validation rows appended)."""
-        out = {}
-        for src in self._distinct_sources(self.sources):
-            for f, t in src.row_sums(rows, factor, chunk_size).items():
-                out[f] = t if f not in out else out[f] + t  # a tied parameter's uses add up
-        return {n: out[n] if n in out else self._zeros(n, (), self.acc) for n in self.selected}
 
     def weighted_sums(self, weights: torch.Tensor, chunk_size=None, into: dict | None = None) -> dict[str, torch.Tensor]:
         """``{name: sum_i weights_i * g_i}`` (accumulated in fp32 or float64, in the parameter's

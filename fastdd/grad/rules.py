@@ -30,6 +30,12 @@ from .per_sample_linear import acc, acc_dtype, gram_is_cheaper, psg_linear, psg_
 class Rule:
     """Base rule: norms and dots from chunked materialization."""
 
+    def saved_stats(self, m, x, output):
+        """What the rule reuses from the layer's forward (its input ``x`` and ``output``, taken when the
+        engine records the call), handed back to ``materialize`` and ``sq_norms`` as ``stats=``; None:
+        nothing (the rule's methods are then called without ``stats``)."""
+        return None
+
     def materialize(self, m, x, g, out=None) -> dict[str, torch.Tensor]:
         """Per-sample gradients; ``out`` may offer buffers ``{name: [B, *shape]}`` to write into."""
         raise NotImplementedError
