@@ -38,18 +38,20 @@ WORKLOADS = ENGINE
 # (plain), with PerSampleGrads norms from that same backward (fastdd), and followed by
 # a separate vmap pass for the norms (vmap). The "clip" consumer is a training step with each
 # sample's gradient clipped to norm 1: unclipped (plain), ghost clipping in the user's step
-# (fastdd), fastdd.grad.clipped_grad running the forward and an output-only backward itself
+# (fastdd: PerSampleGrads(param_grads=False), whose backward skips the weight gradients that
+# clipping replaces; fastdd_param_grads: the same with the step's full backward),
+# fastdd.grad.clipped_grad running the forward and an output-only backward itself
 # (fastdd_functional), or vmap per-sample gradients clipped and summed (vmap).
 PLAN = [
     ("mlp", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("mlp", "norms", ["fastdd", "vmap", "loop"]),
     ("mlp", "dots", ["fastdd", "vmap"]),
     ("mlp", "step", ["plain", "fastdd", "vmap"]),
-    ("mlp", "clip", ["plain", "fastdd", "fastdd_functional", "vmap"]),
+    ("mlp", "clip", ["plain", "fastdd", "fastdd_param_grads", "fastdd_functional", "vmap"]),
     ("convnet", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("convnet", "norms", ["fastdd", "vmap"]),
     ("convnet", "step", ["plain", "fastdd", "vmap"]),
-    ("convnet", "clip", ["plain", "fastdd", "fastdd_functional", "vmap"]),
+    ("convnet", "clip", ["plain", "fastdd", "fastdd_param_grads", "fastdd_functional", "vmap"]),
     ("linear_seq", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "roofline"]),
     ("linear_seq", "norms", ["fastdd", "vmap"]),
     ("seq2", "norms", ["fastdd", "gram", "materialize", "vmap"]),
@@ -87,8 +89,9 @@ def _method(workload, consumer, method):
 
         if method == "plain":  # no clipping: what the clipped steps are measured against
             return plain_step
-        if method == "fastdd":  # ghost clipping from the step's own backward
-            ps = fastdd.PerSampleGrads(model, loss_reduction="mean").__enter__()
+        if method in ("fastdd", "fastdd_param_grads"):  # ghost clipping from the step's own backward
+            ps = fastdd.PerSampleGrads(model, loss_reduction="mean",
+                                       param_grads=method == "fastdd_param_grads").__enter__()
 
             def clipped_step():
                 opt.zero_grad()
@@ -276,6 +279,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--repeat", type=int, default=15, help="timed runs per measurement (default 15)")
     ap.add_argument("--only", default=None, help="comma-separated workloads to run")
+    ap.add_argument("--consumers", default=None, help="comma-separated consumers to run (grads, norms, dots, step, clip)")
     ap.add_argument("--out", default=None, help="also write the markdown table here")
     ap.add_argument("--steady-malloc", action="store_true", help="time with freed memory kept in glibc's heap")
     ap.add_argument("--child", nargs=4, metavar=("WORKLOAD", "CONSUMER", "METHODS", "WHAT"), help=argparse.SUPPRESS)
@@ -289,6 +293,7 @@ def main():
     import torch
 
     only = set(args.only.split(",")) if args.only else None
+    consumers = set(args.consumers.split(",")) if args.consumers else None
     lines = [
         "# Per-sample gradients: fastdd vs torch.func vmap vs a Python loop",
         "",
@@ -301,7 +306,7 @@ def main():
     ]
     print("\n".join(lines), flush=True)
     for workload, consumer, methods in PLAN:
-        if only and workload not in only:
+        if (only and workload not in only) or (consumers and consumer not in consumers):
             continue
         results = run_group(workload, consumer, methods, args.threads, args.repeat, args.steady_malloc)
         base = results.get("fastdd", {}).get("median_s")  # None when fastdd failed

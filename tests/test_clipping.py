@@ -186,3 +186,91 @@ def test_eager_capture_refuses_a_second_backward_through_the_same_forward():
         loss.backward(retain_graph=True)
         loss.backward()
         assert ps.norms().shape == (9,)
+
+
+class FirstLayerInPlace(nn.Module):
+    """A Linear on the raw input followed by an in-place ReLU: the output the capture hands an
+    autograd node of its own (its input needs no gradient, its parameters run detached) is then
+    modified in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _problem_or_first_in_place(kind):
+    if kind == "first_in_place":
+        torch.manual_seed(0)
+        return FirstLayerInPlace(), torch.randn(9, 6), torch.randint(0, 3, (9,))
+    return _problem(kind)
+
+
+@pytest.mark.parametrize("eager", [True, False])
+@pytest.mark.parametrize("kind", ["tokens", "convs", "tied", "first_in_place"])
+def test_a_step_without_parameter_gradients_clips_the_same(kind, eager):
+    # param_grads=False: the user's backward computes no weight gradient for rule layers (their
+    # .grad stays None), yet every statistic and the clipped gradient are those of a full backward
+    model, x, y = _problem_or_first_in_place(kind)
+    expected, _ = _reference(model, x, y, 0.5)
+    vectors = {n: torch.randn(2, *p.shape, generator=torch.Generator().manual_seed(1))
+               for n, p in model.named_parameters()}
+    results = {}
+    for param_grads in (True, False):
+        with fastdd.PerSampleGrads(model, eager=eager, param_grads=param_grads) as ps:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            skipped = {n for n, p in model.named_parameters() if p.grad is None}
+            results[param_grads] = (ps.grads(), ps.norms(), ps.dots(vectors))
+            clipped = ps.clipped_grad(0.5, write_grad=True)
+        assert all(type(p) is nn.Parameter for p in model.parameters())  # lent parameters are back
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad.double(), expected[n] / len(y), atol=1e-6, rtol=1e-4, msg=n)
+            assert torch.equal(p.grad, clipped[n])
+        if param_grads:
+            assert not skipped
+        else:  # every Linear/Conv/norm parameter skipped; PReLU (torch.func) and a tied weight's outside use not
+            assert skipped, kind
+            assert not any(n.startswith("act.") for n in skipped)
+            assert "enc.weight" not in skipped
+    (g0, n0, d0), (g1, n1, d1) = results[True], results[False]
+    torch.testing.assert_close(n1, n0)
+    torch.testing.assert_close(d1, d0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], msg=k)
+
+
+def test_a_training_loop_without_parameter_gradients_follows_the_same_path():
+    # the optimizer holds the real Parameters: lent ones must be back, updated, every step
+    trajectories = []
+    for param_grads in (True, False):
+        model, x, y = _problem("convs")
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        with fastdd.PerSampleGrads(model, param_grads=param_grads) as ps:
+            for _ in range(3):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                ps.clipped_grad(0.2, write_grad=True)
+                opt.step()
+        trajectories.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    for n in trajectories[0]:
+        torch.testing.assert_close(trajectories[1][n], trajectories[0][n], msg=n)
+    assert not torch.equal(trajectories[0]["c1.weight"], _problem("convs")[0].c1.weight)  # it trained
+
+
+def test_lent_parameters_come_back_when_the_forward_raises_or_runs_without_grad():
+    model, x, y = _problem("tied")
+    with fastdd.PerSampleGrads(model, param_grads=False) as ps:
+        with pytest.raises(RuntimeError):
+            model(torch.randn(9, 4))  # enc expects 5 features
+        assert type(model.enc._parameters["weight"]) is nn.Parameter
+        with torch.no_grad():
+            model(x)
+        assert type(model.enc._parameters["weight"]) is nn.Parameter
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        assert ps.norms().shape == (9,)
+    with pytest.raises(ValueError, match="param_grads must be True or False"):
+        fastdd.PerSampleGrads(model, param_grads=None)

@@ -113,6 +113,28 @@ def test_layer_matches_the_per_sample_loop(case):
                                    msg=n)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_clipped_step_without_parameter_gradients(case):
+    # PerSampleGrads(param_grads=False) runs rule layers with detached parameters: a module whose
+    # parameter another module reads directly (MultiheadAttention's out_proj), a rule module that
+    # torch.func serves (sequence-first Linear) and fallback layers must still clip exactly
+    torch.manual_seed(0)
+    model, x = CASES[case]()
+    y = torch.randint(0, 3, (B,))
+    expected = loop_per_sample_grads(model, x, y)
+    norms = sum(g.flatten(1).square().sum(1) for g in expected.values()).sqrt()
+    factors = (0.1 / (norms + 1e-6)).clamp(max=1.0)
+    with warnings.catch_warnings(), fastdd.PerSampleGrads(model, loss_reduction="sum", param_grads=False) as ps:
+        warnings.simplefilter("ignore")
+        model.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+        ps.clipped_grad(0.1, write_grad=True)
+    for n, p in model.named_parameters():
+        assert type(p) is nn.Parameter, n
+        torch.testing.assert_close(p.grad, torch.tensordot(factors, expected[n], dims=1), atol=1e-6, rtol=1e-4,
+                                   msg=n)
+
+
 def test_gru_fallback_says_it_loops():
     from fastdd.grad import engine
 

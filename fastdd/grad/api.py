@@ -324,18 +324,28 @@ class PerSampleGrads:
     layer's activations and output gradients (on the DC ConvNet at 28x28: the memory of a plain
     step plus the per-sample gradients). ``eager=False`` defers all work to the consumer call,
     for loops that read statistics only on some steps.
+
+    ``param_grads=False``: for a step whose gradient :meth:`clipped_grad` replaces. Layers with
+    rules run their selected parameters detached, so the step's backward only carries output
+    gradients through them and computes none of the weight gradients that clipping would throw
+    away (on the ConvNet at 28x28 about a sixth of a step). Their ``.grad`` is then left as it
+    was (None after ``zero_grad()``) until ``clipped_grad(..., write_grad=True)`` fills it;
+    parameters served by ``torch.func`` get their gradient from the backward as usual.
     """
 
     def __init__(self, model: nn.Module, loss_reduction: str = "mean", params: Iterable[str] | None = None,
-                 chunk_size: int | None = None, eager: bool = True):
+                 chunk_size: int | None = None, eager: bool = True, param_grads: bool = True):
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         if not isinstance(eager, bool):
             raise ValueError(f"eager must be True or False, got {eager!r}")
+        if not isinstance(param_grads, bool):
+            raise ValueError(f"param_grads must be True or False, got {param_grads!r}")
         self.model = model
         self.loss_reduction = loss_reduction
         self.chunk_size = chunk_size
-        self._capture = _Capture(model, select_params(model, params), grad_hooks=True, eager=eager)
+        self._capture = _Capture(model, select_params(model, params), grad_hooks=True, eager=eager,
+                                 param_grads=param_grads)
         self._entered = False
 
     def __enter__(self):
@@ -390,9 +400,10 @@ class PerSampleGrads:
         norm layers on a CPU, within the chunk budget) a weighted sum of those.
         ``write_grad=True`` also writes it into each parameter's ``.grad`` (replacing what
         the backward put there, in place where it exists: the returned tensors are then the
-        ``.grad`` themselves), ready for ``optimizer.step()``::
+        ``.grad`` themselves), ready for ``optimizer.step()``; ``param_grads=False`` spares the
+        backward the weight gradients this replaces::
 
-            with fastdd.PerSampleGrads(model) as ps:
+            with fastdd.PerSampleGrads(model, param_grads=False) as ps:
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
                 ps.clipped_grad(1.0, write_grad=True)   # robust / DP-style clipped step

@@ -63,6 +63,7 @@ class _Call:
     input_nodes: set = field(default_factory=set)  # autograd nodes that produced the inputs (fallback modules)
     use_rule: bool = False  # served by the module's hand-written rule (else torch.func)
     formed: dict | None = None  # per-sample gradients formed in the backward (eager capture), unscaled
+    params_lent: bool = False  # its parameters ran detached: the graph has no edges to them
     stats: tuple | None = None  # the forward's per-sample statistics a rule reuses (GroupNorm's mean, rstd)
 
     @property
@@ -128,14 +129,38 @@ def _count_param_uses(roots: Iterable, stop: set, params: dict[int, str]) -> Cou
     return uses
 
 
+class _Attach(torch.autograd.Function):
+    """Gives an output that no gradient would otherwise reach (a layer whose input needs none and
+    whose parameters ran detached) a node of its own, so the capture still receives its output
+    gradient; nothing flows further back. In place (``mark_dirty``): no copy, and the output
+    stays an ordinary tensor that later in-place ops (``ReLU(inplace=True)``) may modify."""
+
+    @staticmethod
+    def forward(ctx, output, anchor):
+        ctx.mark_dirty(output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+_ANCHOR = torch.zeros((), requires_grad=True)  # _Attach's input that needs a gradient (never receives one)
+
+
 class _Capture:
     """Hooks on a model that record module calls and their output gradients."""
 
-    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], grad_hooks: bool, eager: bool = False):
+    def __init__(self, model: nn.Module, selected: dict[str, nn.Parameter], grad_hooks: bool, eager: bool = False,
+                 param_grads: bool = True):
         self.model = model
         self.selected = selected  # full name -> parameter
         self.grad_hooks = grad_hooks  # context mode: collect G with node pre-hooks
         self.eager = eager and grad_hooks  # form rule layers' per-sample gradients as each G arrives
+        # context mode without parameter gradients: rule layers run with their selected parameters
+        # detached, so the user's backward computes no weight gradient (a clipped step replaces them)
+        self.lend = grad_hooks and not param_grads
+        self._lent: dict[nn.Module, dict[str, torch.Tensor]] = {}  # module -> its parameters while lent
         self.active = True
         self.calls: list[_Call] = []
         self.root_calls: list[_Call] = []
@@ -160,7 +185,13 @@ class _Capture:
 
     def __enter__(self):
         for m in self.owned:
-            if m is not self.model:
+            if m is self.model:
+                continue
+            if self.lend and self.rules[m] is not None:
+                self._handles.append(m.register_forward_pre_hook(self._lend_pre_hook))
+                # always_call: the parameters go back even when the forward raises
+                self._handles.append(m.register_forward_hook(self._lent_hook, with_kwargs=True, always_call=True))
+            else:
                 self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
         self._handles.append(self.model.register_forward_pre_hook(self._root_pre_hook))
         self._handles.append(self.model.register_forward_hook(self._root_hook, with_kwargs=True))
@@ -263,6 +294,31 @@ class _Capture:
     def _hook(self, module, args, kwargs, output):
         self._record(module, args, kwargs, output)
 
+    def _lend_pre_hook(self, module, args):
+        if not (self.active and torch.is_grad_enabled()) or module in self._lent:
+            return
+        params = module._parameters
+        lent = {k: params[k] for k in self.owned[module] if params.get(k) is not None}
+        self._lent[module] = lent
+        for k, p in lent.items():
+            params[k] = p.detach()
+
+    def _lent_hook(self, module, args, kwargs, output):
+        lent = self._lent.pop(module, None)
+        if lent is None:  # not lent (hooks paused, no grad mode, a nested call of the same module)
+            if output is not None:
+                self._record(module, args, kwargs, output)
+            return None
+        module._parameters.update(lent)
+        if output is None:  # the forward raised (always_call): parameters are back, nothing to record
+            return None
+        if isinstance(output, torch.Tensor) and not output.requires_grad and output.is_floating_point():
+            output = _Attach.apply(output.clone() if output._is_view() else output, _ANCHOR)
+        call = self._record(module, args, kwargs, output)
+        if call is not None:
+            call.params_lent = True
+        return output
+
     def _root_hook(self, module, args, kwargs, output):
         call = self._record(module, args, kwargs, output)
         if call is None:
@@ -279,6 +335,8 @@ class _Capture:
         for c in mine:
             names = self.owned.get(c.module)
             if not names:
+                continue
+            if c.params_lent:  # ran detached: no edge to its parameters in the graph
                 continue
             if c.use_rule:  # a rule module uses each parameter once
                 accounted.update(set(names.values()))
