@@ -25,7 +25,7 @@ import sys
 import time
 
 from _report import STEADY_MALLOC, peak_tensor_bytes, reset_peak_rss, rss_kb, write_report
-from workloads import ENGINE, ce, dot_vectors, engine_workload, vmap_consumer, vmap_per_sample
+from workloads import CLIP_METHODS, ENGINE, ce, clipped_step, dot_vectors, engine_workload, vmap_consumer, vmap_per_sample
 
 WORKLOADS = ENGINE
 # (workload, consumer, methods) measured; methods: fastdd (into the caller's buffers, out=,
@@ -47,11 +47,11 @@ PLAN = [
     ("mlp", "norms", ["fastdd", "vmap", "loop"]),
     ("mlp", "dots", ["fastdd", "vmap"]),
     ("mlp", "step", ["plain", "fastdd", "vmap"]),
-    ("mlp", "clip", ["plain", "fastdd", "fastdd_param_grads", "fastdd_functional", "vmap"]),
+    ("mlp", "clip", CLIP_METHODS),
     ("convnet", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "loop", "roofline"]),
     ("convnet", "norms", ["fastdd", "vmap"]),
     ("convnet", "step", ["plain", "fastdd", "vmap"]),
-    ("convnet", "clip", ["plain", "fastdd", "fastdd_param_grads", "fastdd_functional", "vmap"]),
+    ("convnet", "clip", CLIP_METHODS),
     ("linear_seq", "grads", ["fastdd", "fastdd_alloc", "fastdd_held", "fastdd_fresh", "vmap", "roofline"]),
     ("linear_seq", "norms", ["fastdd", "vmap"]),
     ("seq2", "norms", ["fastdd", "gram", "materialize", "vmap"]),
@@ -80,45 +80,7 @@ def _method(workload, consumer, method):
         return lambda: [b.fill_(1.0) for b in bufs]
 
     if consumer == "clip":  # a training step with per-sample clipping to norm 1 (DP-style / robust training)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-
-        def plain_step():
-            opt.zero_grad()
-            loss_fn(model(x), y).mean().backward()
-            opt.step()
-
-        if method == "plain":  # no clipping: what the clipped steps are measured against
-            return plain_step
-        if method in ("fastdd", "fastdd_param_grads"):  # ghost clipping from the step's own backward
-            ps = fastdd.PerSampleGrads(model, loss_reduction="mean",
-                                       param_grads=method == "fastdd_param_grads").__enter__()
-
-            def clipped_step():
-                opt.zero_grad()
-                loss_fn(model(x), y).mean().backward()
-                ps.clipped_grad(1.0, write_grad=True)
-                opt.step()
-
-            return clipped_step
-        if method == "fastdd_functional":  # fastdd runs forward and an output-only backward itself
-            def functional_clipped_step():
-                opt.zero_grad()
-                fastdd.grad.clipped_grad(model, x, y, 1.0, loss_fn=loss_fn, reduction="mean", write_grad=True)
-                opt.step()
-
-            return functional_clipped_step
-        detached = {n: p.detach() for n, p in params.items()}  # share memory: see each step's update
-        per_sample = vmap_per_sample(model, loss_fn)
-
-        def vmap_clipped_step():  # materialize with vmap, clip, sum (the non-ghost way)
-            grads = per_sample(detached, x, y)
-            norms = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
-            factors = (1.0 / (norms + 1e-6)).clamp(max=1.0)
-            for n, p in params.items():
-                p.grad = torch.tensordot(factors, grads[n], dims=1) / B
-            opt.step()
-
-        return vmap_clipped_step
+        return clipped_step(model, x, y, loss_fn, method)
 
     if consumer == "step":  # one training step of the user's, plus per-sample norms
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)

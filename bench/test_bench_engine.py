@@ -9,7 +9,7 @@ import torch
 
 import fastdd
 from conftest import backends
-from workloads import ENGINE, dot_vectors, engine_workload, vmap_consumer
+from workloads import CLIP_METHODS, ENGINE, ce, clipped_step, dot_vectors, engine_workload, vmap_consumer
 
 CONSUMERS = {"grads": ["mlp", "convnet", "linear_seq"], "norms": ["mlp", "convnet", "seq2"], "dots": ["mlp", "seq2"]}
 # fastdd through every backend this machine has (CPU: the torch path), the public alternative
@@ -57,3 +57,17 @@ def test_engine(benchmark, force_backend, consumer, workload, method):
     B = engine_workload(workload)[1].shape[0]
     rows = next(iter(result.values())).shape[0] if isinstance(result, dict) else result.shape[0]
     assert rows == B  # each method returns one row per sample
+
+
+@pytest.mark.parametrize("method", CLIP_METHODS)
+@pytest.mark.parametrize("workload", ["mlp", "convnet"])
+def test_clipped_step(benchmark, workload, method):
+    """A training step with per-sample clipping (torch path) against the plain step and vmap."""
+    benchmark.group = f"clipped step: {ENGINE[workload]}"
+    model, x, y, loss_fn = engine_workload(workload)
+    model, x, y = model.to(DEVICE), x.to(DEVICE), y.to(DEVICE)
+    step = _sync(clipped_step(model, x, y, loss_fn or ce, method))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    benchmark(step)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())  # it stepped

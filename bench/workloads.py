@@ -75,6 +75,63 @@ def vmap_consumer(model, x, y, loss_fn, consumer: str, vectors=None):
     return lambda: sum(g.flatten(1) @ vectors[n].flatten(1).T for n, g in per_sample(detached, x, y).items())
 
 
+CLIP_METHODS = ["plain", "fastdd", "fastdd_param_grads", "fastdd_functional", "vmap"]
+
+
+def clipped_step(model, x, y, loss_fn, method: str, max_norm: float = 1.0):
+    """A zero-argument SGD training step with each sample's gradient clipped to ``max_norm``:
+    unclipped (plain, the baseline), ghost clipping in the user's step (fastdd:
+    ``PerSampleGrads(param_grads=False)``; fastdd_param_grads: the same with the step's full
+    backward), ``fastdd.grad.clipped_grad`` doing the forward and an output-only backward itself
+    (fastdd_functional), or vmap per-sample gradients clipped and summed (vmap, the non-ghost way).
+    ``loss_fn`` gives per-sample losses."""
+    import fastdd
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    params = dict(model.named_parameters())
+    B = x.shape[0]
+
+    def plain():
+        opt.zero_grad()
+        loss_fn(model(x), y).mean().backward()
+        opt.step()
+
+    if method == "plain":
+        return plain
+    if method in ("fastdd", "fastdd_param_grads"):
+        ps = fastdd.PerSampleGrads(model, loss_reduction="mean", param_grads=method == "fastdd_param_grads")
+        ps.__enter__()  # hooks stay on for the life of the benchmark process
+
+        def in_step():
+            opt.zero_grad()
+            loss_fn(model(x), y).mean().backward()
+            ps.clipped_grad(max_norm, write_grad=True)
+            opt.step()
+
+        return in_step
+    if method == "fastdd_functional":
+        def functional():
+            opt.zero_grad()
+            fastdd.grad.clipped_grad(model, x, y, max_norm, loss_fn=loss_fn, reduction="mean", write_grad=True)
+            opt.step()
+
+        return functional
+    if method != "vmap":
+        raise ValueError(f"unknown clipping method {method!r}; one of {CLIP_METHODS}")
+    detached = {n: p.detach() for n, p in params.items()}  # share memory: see each step's update
+    per_sample = vmap_per_sample(model, loss_fn)
+
+    def vmap_clipped():
+        grads = per_sample(detached, x, y)
+        norms = sum(g.flatten(1).square().sum(1) for g in grads.values()).sqrt()
+        factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for n, p in params.items():
+            p.grad = torch.tensordot(factors, grads[n], dims=1) / B
+        opt.step()
+
+    return vmap_clipped
+
+
 # --------------------------------------------------------------------------- pruning and valuation
 def kmeans_blobs(offset: float = 0.0):
     """100,000 x 64 points around 100 centres (optionally all shifted by ``offset``)."""
