@@ -274,3 +274,19 @@ def test_lent_parameters_come_back_when_the_forward_raises_or_runs_without_grad(
         assert ps.norms().shape == (9,)
     with pytest.raises(ValueError, match="param_grads must be True or False"):
         fastdd.PerSampleGrads(model, param_grads=None)
+
+
+@pytest.mark.parametrize("shape", [(300, 6), (70, 3, 6)])  # several row chunks; T > 1 rows per sample
+def test_linear_weighted_batch_sum_in_row_chunks_is_the_reweighted_sum(shape):
+    from fastdd.grad.rules import LinearRule
+
+    torch.manual_seed(0)
+    m = nn.Linear(6, 4).double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    g = torch.randn(*shape[:-1], 4, dtype=torch.float64)
+    w = torch.rand(shape[0], dtype=torch.float64)
+    got = LinearRule().batch_sum(m, x, g, scale=0.5, weights=w)
+    gw = g * w.view(-1, *[1] * (g.dim() - 1))
+    expected_w = 0.5 * torch.einsum("...p,...d->pd", gw, x)
+    torch.testing.assert_close(got["weight"], expected_w, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got["bias"], 0.5 * gw.reshape(-1, 4).sum(0), atol=1e-12, rtol=1e-12)

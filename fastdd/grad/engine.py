@@ -474,9 +474,9 @@ class _RuleSource:
         with torch.no_grad():  # captured inputs can be part of the graph (a tied weight's use)
             if self.formed is not None:  # formed in the backward or for the norms (unscaled)
                 return _weighted(self.formed, weights * self.scale)
-            g = self.g * (weights * self.scale).to(self.g.dtype).view(-1, *[1] * (self.g.dim() - 1))
             local = None if not into else {k: into[f] for k, f in self.names.items() if f in into}
-            return self._pick(self.rule.batch_sum(self.call.module, self.call.x, g, chunk_size, out=local))
+            return self._pick(self.rule.batch_sum(self.call.module, self.call.x, self.g, chunk_size, out=local,
+                                                  weights=weights * self.scale))
 
     def row_sums(self, rows: slice, factor: float, chunk_size):
         """``factor * sum_{i in rows} g_i``: the rule's batch sum over those rows, scaled once

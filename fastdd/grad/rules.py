@@ -58,10 +58,12 @@ class Rule:
         """Whether ``sq_norms`` forms the per-sample gradients (so a clipped sum may reuse them)."""
         return True
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0) -> dict[str, torch.Tensor]:
-        """``scale`` times the sum over the batch of the per-sample gradients (with ``g`` reweighted
-        per sample by the caller, a clipped gradient), in the accumulation dtype; ``out`` may offer
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0,
+                  weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``scale`` times the sum over the batch of the per-sample gradients, each weighted by
+        ``weights [B]`` where given (a clipped gradient), in the accumulation dtype; ``out`` may offer
         tensors ``{name: shape of the parameter}`` to write into (rules that can, do)."""
+        g = _reweighted(g, weights)
         one_class = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         return {k: v[0] * scale for k, v in self.class_sums(m, x, g, one_class, 1, chunk_size).items()}
 
@@ -73,6 +75,13 @@ class Rule:
                     out[name] = grad.new_zeros((num_classes, *grad.shape[1:]), dtype=acc_dtype(grad))
                 out[name].index_add_(0, labels[s], acc(grad))
         return out
+
+
+def _reweighted(g: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    """``g`` with sample i's rows scaled by ``weights[i]`` (a copy; ``g`` itself where no weights)."""
+    if weights is None:
+        return g
+    return g * weights.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
 
 
 def _class_rows(labels, num_classes):
@@ -118,19 +127,32 @@ class LinearRule(Rule):
         A, _ = self._btd(m, x, g)
         return A.shape[1] > 1 and not gram_is_cheaper(A.shape[1], m.in_features, m.out_features)
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0):
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0, weights=None):
         # one GEMM over all (sample, t) rows, as the layer's own weight gradient (into out's .grad
         # where it is offered in the accumulation dtype: no second weight-sized tensor), scaled by
         # the GEMM itself (alpha) rather than a pass over its result
         A, G = self._btd(m, x, g)
+        T = A.shape[1]
         A, G = acc(A.reshape(-1, m.in_features)), acc(G.reshape(-1, m.out_features))
         buf = None if out is None else out.get("weight")
-        if buf is not None and buf.dtype == A.dtype and buf.is_contiguous():
+        if buf is None or buf.dtype != A.dtype or not buf.is_contiguous():
+            buf = A.new_empty((m.out_features, m.in_features))
+        if weights is None:
             res = {"weight": torch.addmm(buf, G.T, A, beta=0, alpha=scale, out=buf)}
-        else:
-            res = {"weight": torch.addmm(G.new_zeros(()), G.T, A, beta=0, alpha=scale)}
+            if m.bias is not None:
+                res["bias"] = G.sum(0) if scale == 1.0 else G.sum(0).mul_(scale)
+            return res
+        # reweighted rows, an eighth of them at a time (at least 32): a clipped step holds every
+        # layer's A and G already, and a reweighted copy of a whole G would add to that peak
+        w = weights.to(A.dtype)
+        w = w.repeat_interleave(T) if T > 1 else w
+        step = max(32, -(-len(G) // 8))
+        for i in range(0, len(G), step):
+            torch.addmm(buf, G[i:i + step].T * w[i:i + step], A[i:i + step], beta=0 if i == 0 else 1, alpha=scale,
+                        out=buf)
+        res = {"weight": buf}
         if m.bias is not None:
-            res["bias"] = G.sum(0) if scale == 1.0 else G.sum(0).mul_(scale)
+            res["bias"] = torch.mv(G.T, w).mul_(scale) if scale != 1.0 else torch.mv(G.T, w)
         return res
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None):
@@ -259,8 +281,9 @@ class ConvRule(Rule):
             total = total + acc(g.flatten(2)).sum(2) @ acc(vectors["bias"]).T
         return total
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0):
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0, weights=None):
         # one convolution backward for the weight, as the layer's own weight gradient
+        g = _reweighted(g, weights)
         res = {"weight": acc(_conv_weight_grad(m, x, g, groups_per_sample=False))}
         if m.bias is not None:
             res["bias"] = acc(g.flatten(2)).sum((0, 2))
