@@ -74,6 +74,12 @@ class SequenceFirstLinear(nn.Module):
         return self.fc(torch.tanh(self.proj(x.transpose(0, 1))).mean(0))
 
 
+def _hook_weight_norm(module):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of the parametrization; still in use
+        return nn.utils.weight_norm(module)
+
+
 CASES = {
     "ConvTranspose1d": lambda: (Head(nn.ConvTranspose1d(2, 3, 3, stride=2), 3 * 11), torch.randn(B, 2, 5)),
     "ConvTranspose2d": lambda: (Head(nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1), 3 * 9 * 9),
@@ -89,6 +95,11 @@ CASES = {
     "RNN, B = T": lambda: (Recurrent("RNN", False), torch.randn(B, B, 6)),  # dim 0 and 1 both B: batch_first decides
     "HF Conv1D": lambda: (Head(HFConv1D(5, 6), 5), torch.randn(B, 6)),
     "sequence-first Linear": lambda: (SequenceFirstLinear(), torch.randn(B, 7, 6)),
+    # a Linear whose own parameters are weight_g / weight_v (no rule), and one whose weight a
+    # parametrization computes from parameters its call sees no sample of (whole-model fallback)
+    "weight_norm (hook)": lambda: (Head(_hook_weight_norm(nn.Linear(6, 5)), 5), torch.randn(B, 6)),
+    "weight_norm (parametrization)": lambda: (
+        Head(nn.utils.parametrizations.weight_norm(nn.Linear(6, 5)), 5), torch.randn(B, 6)),
 }
 
 

@@ -237,6 +237,12 @@ class _Capture:
         first = next((t for t in in_leaves if isinstance(t, torch.Tensor)), None)
         rule = self.rules.get(module)
         use_rule = rule is not None and first is not None and first.dim() > 0 and first.shape[0] == B
+        if not use_rule and not any(isinstance(t, torch.Tensor) and batch_dim(module, tuple(t.shape), B) is not None
+                                    for t in in_leaves):
+            # a call that sees no sample (a parametrization computing a weight): what it returns is
+            # shared by every sample, so its parameters' uses count as uses outside their owner and
+            # the whole model serves them
+            return None
         input_nodes = set()
         if not use_rule:
             for leaf in in_leaves:

@@ -511,12 +511,15 @@ def rule_for(m: nn.Module) -> Rule | None:
     """The rule for module m, or None when m needs the torch.func fallback.
 
     Subclasses qualify only when they keep their base class's forward; a module whose
-    forward was overridden (LoRA layers, quantized wrappers) goes to the fallback.
+    forward was overridden (LoRA layers, quantized wrappers) goes to the fallback, and so does one
+    whose own parameters are not its ``weight`` and ``bias`` (``torch.nn.utils.weight_norm`` keeps
+    ``weight_g`` and ``weight_v`` and computes ``weight`` from them before each forward).
     """
+    own = {k for k, p in m._parameters.items() if p is not None}
     for base in type(m).__mro__:
         rule = _RULES.get(base)
         if rule is not None:
-            if type(m).forward is not base.forward:
+            if type(m).forward is not base.forward or not own <= {"weight", "bias"}:
                 return None
             if isinstance(m, nn.Embedding) and m.scale_grad_by_freq:
                 return None  # the gradient depends on counts within the batch
