@@ -290,3 +290,16 @@ def test_linear_weighted_batch_sum_in_row_chunks_is_the_reweighted_sum(shape):
     expected_w = 0.5 * torch.einsum("...p,...d->pd", gw, x)
     torch.testing.assert_close(got["weight"], expected_w, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(got["bias"], 0.5 * gw.reshape(-1, 4).sum(0), atol=1e-12, rtol=1e-12)
+
+
+def test_a_float64_step_without_parameter_gradients_is_exact():
+    model, x, y = _problem("convs")
+    model, x = model.double(), x.double() + 50.0  # float64, uncentred inputs
+    expected, _ = _reference(model, x, y, 0.3)
+    with fastdd.PerSampleGrads(model, loss_reduction="sum", param_grads=False) as ps:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        got = ps.clipped_grad(0.3, write_grad=True)
+    for n, p in model.named_parameters():
+        assert p.grad.dtype == torch.float64
+        torch.testing.assert_close(got[n], expected[n], atol=1e-12, rtol=1e-10, msg=n)
