@@ -167,3 +167,13 @@ def test_compiled_model_works_and_is_checked():
         torch.testing.assert_close(got[f"_orig_mod.{n}"], g, atol=1e-5, rtol=1e-4, msg=n)
     report = fastdd.grad.check(compiled, x, y)
     assert report.ok and all(p.path.startswith("rule (") for p in report.params)
+    # a clipped step whose backward skips the weight gradients, through the compiled model
+    norms = sum(g.flatten(1).square().sum(1) for g in expected.values()).sqrt()
+    factors = (0.1 / (norms + 1e-6)).clamp(max=1.0)
+    with fastdd.PerSampleGrads(compiled, loss_reduction="sum", param_grads=False) as ps:
+        compiled.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(compiled(x), y, reduction="sum").backward()
+        assert all(p.grad is None for p in model.parameters())
+        ps.clipped_grad(0.1, write_grad=True)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, torch.tensordot(factors, expected[n], dims=1), atol=1e-6, rtol=1e-4, msg=n)
