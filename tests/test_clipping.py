@@ -201,15 +201,29 @@ class FirstLayerInPlace(nn.Module):
         return self.net(x)
 
 
+class Reused(nn.Module):
+    """One Linear called twice in a forward, and a weight tied across two Linear modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.l, self.h, self.h2 = nn.Linear(5, 5), nn.Linear(5, 3), nn.Linear(5, 3)
+        self.h2.weight = self.h.weight
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.l(torch.tanh(self.l(x))))) + self.h2(x)
+
+
 def _problem_or_first_in_place(kind):
+    torch.manual_seed(0)
     if kind == "first_in_place":
-        torch.manual_seed(0)
         return FirstLayerInPlace(), torch.randn(9, 6), torch.randint(0, 3, (9,))
+    if kind == "reused":
+        return Reused(), torch.randn(9, 5), torch.randint(0, 3, (9,))
     return _problem(kind)
 
 
 @pytest.mark.parametrize("eager", [True, False])
-@pytest.mark.parametrize("kind", ["tokens", "convs", "tied", "first_in_place"])
+@pytest.mark.parametrize("kind", ["tokens", "convs", "tied", "first_in_place", "reused"])
 def test_a_step_without_parameter_gradients_clips_the_same(kind, eager):
     # param_grads=False: the user's backward computes no weight gradient for rule layers (their
     # .grad stays None), yet every statistic and the clipped gradient are those of a full backward
