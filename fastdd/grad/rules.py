@@ -142,14 +142,16 @@ class LinearRule(Rule):
             if m.bias is not None:
                 res["bias"] = G.sum(0) if scale == 1.0 else G.sum(0).mul_(scale)
             return res
-        # reweighted rows, an eighth of them at a time (at least 32): a clipped step holds every
-        # layer's A and G already, and a reweighted copy of a whole G would add to that peak
+        # G reweighted an eighth of its columns at a time, each block's rows of the weight gradient
+        # one GEMM over all rows: a clipped step holds every layer's A and G already, and a
+        # reweighted copy of a whole G would add to that peak (row blocks would instead pass over
+        # the whole weight gradient once per block)
         w = weights.to(A.dtype)
         w = w.repeat_interleave(T) if T > 1 else w
-        step = max(32, -(-len(G) // 8))
-        for i in range(0, len(G), step):
-            torch.addmm(buf, G[i:i + step].T * w[i:i + step], A[i:i + step], beta=0 if i == 0 else 1, alpha=scale,
-                        out=buf)
+        step = max(16, -(-G.shape[1] // 8))
+        for j in range(0, G.shape[1], step):
+            rows = buf[j:j + step]
+            torch.addmm(rows, (G[:, j:j + step] * w[:, None]).T, A, beta=0, alpha=scale, out=rows)
         res = {"weight": buf}
         if m.bias is not None:
             res["bias"] = torch.mv(G.T, w).mul_(scale) if scale != 1.0 else torch.mv(G.T, w)
