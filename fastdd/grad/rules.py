@@ -417,9 +417,9 @@ class _GroupStatsRule(_AffineNormRule):
     """Norms over groups of channels of each sample (GroupNorm; InstanceNorm on its own statistics).
 
     The weight gradient comes from each sample's group statistics instead of a recomputed x_hat:
-    ``sum_s g (x - mu) r = r (sum_s g x - mu sum_s g)``, the form torch's own GroupNorm backward
-    reduces with (so as exact as the layer's batch gradient), one pass over x for the statistics
-    and one for ``g . x``.
+    ``sum_s g (x - mu) r = r (sum_s g x - mu sum_s g)``, reduced by torch's own GroupNorm backward
+    (so as exact as the layer's batch gradient) with the batch seen as one sample of ``B * C``
+    channels; the statistics are the forward's where the engine captured them.
     """
 
     def groups(self, m) -> int | None:
@@ -448,28 +448,23 @@ class _GroupStatsRule(_AffineNormRule):
         if groups is None or getattr(m, "weight", None) is None:
             return super().materialize(m, x, g, out)
         B, C = x.shape[0], x.shape[1]
-        xs, gs = self.split(m, x), self.split(m, g)  # [B, C, S]
-        per_group = C // groups
-        # per chunk of samples (_norm_chunks: on a CPU x and g are then read from memory once):
-        # g . x, sum g and, unless the forward's statistics were captured (``stats``), torch's own
-        # statistics kernel (var_mean is 15x slower on a CPU; its normalized output is discarded)
-        g_dot_x = torch.empty((B, C), dtype=acc_dtype(g), device=g.device)
-        g_sum = torch.empty_like(g_dot_x)
-        means, rstds = [], []
-        for s in _norm_chunks(x):
-            xc, gc = acc(xs[s]), acc(gs[s])
-            if stats is None:
-                _, mean, rstd = torch.native_group_norm(xc, None, None, xc.shape[0], C, xc.shape[2], groups, m.eps)
-                means.append(mean)
-                rstds.append(rstd)
-            torch.linalg.vecdot(gc, xc, out=g_dot_x[s])
-            torch.sum(gc, 2, out=g_sum[s])
-        mean, rstd = (torch.cat(means), torch.cat(rstds)) if stats is None else stats
-        mean = mean.to(g_dot_x.dtype).repeat_interleave(per_group, 1)
-        weight = (g_dot_x - mean * g_sum).mul_(rstd.to(g_dot_x.dtype).repeat_interleave(per_group, 1))
-        res = {"weight": weight.to(g.dtype)}
+        xs, gs = acc(self.split(m, x)), acc(self.split(m, g))  # [B, C, S]
+        S = xs.shape[2]
+        if stats is None:  # torch's own statistics kernel, a chunk of samples at a time (its
+            # normalized output is discarded; var_mean is 15x slower on a CPU)
+            parts = [torch.native_group_norm(xs[s], None, None, xs[s].shape[0], C, S, groups, m.eps)[1:]
+                     for s in _norm_chunks(x)]
+            stats = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        mean, rstd = (t.to(xs.dtype).reshape(1, B * groups) for t in stats)
+        # torch's GroupNorm backward over the batch seen as one sample of B*C channels in B*groups
+        # groups: its weight and bias gradients are then each sample's own, from one fused pass
+        # over x and g (3x faster on a CPU than a dot and a sum per chunk)
+        _, weight, bias = torch.ops.aten.native_group_norm_backward(
+            gs.reshape(1, B * C, S), xs.reshape(1, B * C, S), mean, rstd, xs.new_ones(B * C), 1, B * C, S,
+            B * groups, [False, True, True])
+        res = {"weight": weight.view(B, C).to(g.dtype)}
         if getattr(m, "bias", None) is not None:
-            res["bias"] = g_sum.to(g.dtype)
+            res["bias"] = bias.view(B, C).to(g.dtype)
         return res
 
 
