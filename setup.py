@@ -72,7 +72,7 @@ setup(
     # kernels/ and csrc/ sit at the top of the repo but install inside fastdd;
     # csrc/ ships its sources so the extension can be JIT-built after `pip install .`.
     package_dir={"fastdd.kernels": "kernels", "fastdd.csrc": "csrc"},
-    package_data={"fastdd.csrc": ["*.cu", "*.cpp", "*.h"]},
+    package_data={"fastdd.csrc": ["*.cu", "*.cpp", "*.h", "*.c"]},
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "triton": ["triton>=3.0"],

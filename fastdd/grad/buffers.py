@@ -25,6 +25,7 @@ SETS = 2  # buffers kept per (shape, dtype, device): the result in hand and the 
 KEYS = 8  # (shape, dtype, device) keys kept, least recently used dropped first
 
 _pool: "OrderedDict[tuple, list[torch.Tensor]]" = OrderedDict()
+_unwritten: set = set()  # data pointers of CPU bases allocated and not yet written (see first_write)
 
 
 def enabled() -> bool:
@@ -49,7 +50,10 @@ def take(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     """An uninitialized ``shape`` tensor: pooled memory nobody holds, else a new allocation
     that the pool keeps for later calls."""
     if not enabled():
-        return torch.empty(shape, dtype=dtype, device=device)
+        fresh = torch.empty(shape, dtype=dtype, device=device)
+        if fresh.device.type == "cpu":
+            _unwritten.add(fresh.data_ptr())
+        return fresh
     key = (tuple(shape), dtype, torch.device(device))
     bases = _pool.setdefault(key, [])
     _pool.move_to_end(key)
@@ -57,18 +61,33 @@ def take(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor
         if _holders(base) == 1:  # only the pool's own tensor: every result made from it is gone
             return _alias(base)
     base = torch.empty(shape, dtype=dtype, device=device)
+    if base.device.type == "cpu":
+        _unwritten.add(base.data_ptr())
     bases.append(base)
     if len(bases) > SETS:  # all held by callers: stop tracking the oldest (the caller keeps it alive)
-        bases.pop(0)
+        _unwritten.discard(bases.pop(0).data_ptr())
     while len(_pool) > KEYS:
-        _pool.popitem(last=False)
+        for b in _pool.popitem(last=False)[1]:
+            _unwritten.discard(b.data_ptr())
     return _alias(base)
+
+
+def first_write(t: torch.Tensor) -> bool:
+    """Whether ``t`` is pooled CPU memory about to be written for the first time (its pages not yet
+    faulted in); the answer is True once per buffer. Streaming stores into such pages cost more
+    than ordinary ones (the kernel's zeroing of each new page leaves it in cache)."""
+    ptr = t.data_ptr()
+    if ptr in _unwritten:
+        _unwritten.discard(ptr)
+        return True
+    return False
 
 
 def release() -> None:
     """Free the memory the pool keeps (results still held by callers stay valid), and the
     projection matrices cached for ``per_sample_grad_projections``."""
     _pool.clear()
+    _unwritten.clear()
     from .api import release_projections
 
     release_projections()
