@@ -28,7 +28,7 @@ STREAM_MIN_BYTES = 32 << 20  # outputs below this stay cache-resident: ordinary 
 _lock = threading.Lock()
 _lib = None
 _error: str | None = None
-_pool: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that made it, the pool)
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (the pid that made it, its threads, the pool)
 
 
 def _cpu_signature() -> str:
@@ -112,11 +112,11 @@ def _run_split(fn, B: int) -> None:
     if n == 1:
         fn(0, B)
         return
-    if _pool is None or _pool[0] != os.getpid() or _pool[1]._max_workers < n:
+    if _pool is None or _pool[0] != os.getpid() or _pool[1] < n:
         # (a forked child inherits the pool object but none of its threads: a pool of its own)
-        _pool = (os.getpid(), ThreadPoolExecutor(n, thread_name_prefix="fastdd-cpu"))
+        _pool = (os.getpid(), n, ThreadPoolExecutor(n, thread_name_prefix="fastdd-cpu"))
     cuts = [B * k // n for k in range(n + 1)]
-    for f in [_pool[1].submit(fn, cuts[k], cuts[k + 1]) for k in range(n)]:
+    for f in [_pool[2].submit(fn, cuts[k], cuts[k + 1]) for k in range(n)]:
         f.result()
 
 
