@@ -15,6 +15,7 @@ needs_kernel = pytest.mark.skipif(_cpu.load() is None, reason=f"no CPU kernel he
 @pytest.fixture
 def stream_everything(monkeypatch):
     monkeypatch.setattr(_cpu, "STREAM_MIN_BYTES", 0)  # test shapes are far smaller than a cache
+    monkeypatch.setenv("FASTDD_REUSE_BUFFERS", "1")  # the pool, which tells written memory from new
 
 
 @needs_kernel
@@ -146,3 +147,19 @@ def _stream_in_child(G, A):
     torch.set_num_threads(2)
     ok = _cpu.outer_stream_into(G, A, out) and torch.equal(out, G[:, :, None] * A[:, None, :])
     raise SystemExit(0 if ok else 1)
+
+
+@needs_kernel
+def test_with_the_pool_off_nothing_is_tracked_and_nothing_streamed(stream_everything, monkeypatch):
+    # FASTDD_REUSE_BUFFERS=0: every buffer is new, and no record of buffers is kept to tell otherwise
+    monkeypatch.setenv("FASTDD_REUSE_BUFFERS", "0")
+    calls = []
+    real = _cpu.outer_stream_into
+    monkeypatch.setattr(_cpu, "outer_stream_into", lambda *a: calls.append(1) or real(*a))
+    A, G = torch.randn(6, 1, 10), torch.randn(6, 1, 4)
+    before = len(buffers._unwritten)
+    out = buffers.take((6, 4, 10), torch.float32, torch.device("cpu"))
+    assert len(buffers._unwritten) == before
+    for _ in range(2):
+        assert torch.equal(psg_linear(A, G, out=out), psg_linear_ref(A, G))
+    assert calls == []

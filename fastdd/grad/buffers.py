@@ -50,10 +50,7 @@ def take(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     """An uninitialized ``shape`` tensor: pooled memory nobody holds, else a new allocation
     that the pool keeps for later calls."""
     if not enabled():
-        fresh = torch.empty(shape, dtype=dtype, device=device)
-        if fresh.device.type == "cpu":
-            _unwritten.add(fresh.data_ptr())
-        return fresh
+        return torch.empty(shape, dtype=dtype, device=device)
     key = (tuple(shape), dtype, torch.device(device))
     bases = _pool.setdefault(key, [])
     _pool.move_to_end(key)
@@ -73,9 +70,12 @@ def take(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def first_write(t: torch.Tensor) -> bool:
-    """Whether ``t`` is pooled CPU memory about to be written for the first time (its pages not yet
-    faulted in); the answer is True once per buffer. Streaming stores into such pages cost more
-    than ordinary ones (the kernel's zeroing of each new page leaves it in cache)."""
+    """Whether ``t`` may be memory about to be written for the first time (its pages not yet faulted
+    in): pooled CPU memory not yet written (True once per buffer), or any memory while the pool is
+    off (nothing tracks it then, and every buffer ``take`` returns is new). Streaming stores into
+    such pages cost more than ordinary ones (the kernel's zeroing of each new page leaves it in cache)."""
+    if not enabled():
+        return True
     ptr = t.data_ptr()
     if ptr in _unwritten:
         _unwritten.discard(ptr)
