@@ -269,6 +269,37 @@ def test_context_manager_matches_functional(reduction):
         assert all(len(mod._forward_hooks) == 0 for mod in m.modules())
 
 
+@pytest.mark.parametrize("param_grads", [True, False])
+@pytest.mark.parametrize("eager", [False, True])
+def test_a_training_loop_frees_each_step_without_the_garbage_collector(param_grads, eager):
+    """A step's recorded calls, their inputs and output gradients go as soon as the next forward
+    replaces them, by reference counting alone: a hook that held its call strongly made a cycle
+    through autograd's nodes that kept about 1 MB of activations per MLP step alive."""
+    import gc
+    import weakref
+
+    model, x, y, _ = build("convnet8", B=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    gc.collect()
+    gc.disable()
+    try:
+        with fastdd.PerSampleGrads(model, param_grads=param_grads, eager=eager) as ps:
+            for _ in range(3):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                ps.clipped_grad(1.0, write_grad=True)
+                opt.step()
+                calls = ps._capture.calls
+                seen.append([weakref.ref(c) for c in calls] + [weakref.ref(g) for c in calls for g in c.grads
+                                                                if g is not None])
+            assert all(r() is not None for r in seen[-1])  # the last step is still there to read
+            gone = [r() is None for step in seen[:-1] for r in step]
+    finally:
+        gc.enable()
+    assert len(gone) > 8 and all(gone)
+
+
 def test_context_manager_requires_backward():
     model, x, y, _ = build("mlp")
     with fastdd.PerSampleGrads(model) as ps:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -270,7 +271,15 @@ class _Capture:
         return call
 
     def _grad_catcher(self, call, j, output_nr):
+        # the call weakly: it holds the node (its edges) that holds this hook, a reference cycle
+        # that only Python's cyclic collector frees, at its own pace: in a training loop the
+        # steps' calls and their activations piled up (RSS 747 -> 2136 MB over 1800 MLP steps)
+        call_ref = weakref.ref(call)
+
         def hook(grad_outputs):
+            call = call_ref()
+            if call is None:  # a backward through a forward the capture has forgotten
+                return
             g = grad_outputs[output_nr]
             call.grads[j] = g
             self.backward_seen = True
