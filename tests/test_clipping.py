@@ -290,20 +290,108 @@ def test_lent_parameters_come_back_when_the_forward_raises_or_runs_without_grad(
         fastdd.PerSampleGrads(model, param_grads=None)
 
 
+def _count_gemms(monkeypatch):
+    calls = []
+    addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: calls.append(1) or addmm(*a, **k))
+    return calls
+
+
+# (in place: G's rows scaled, one GEMM, divided back; blocks: a zero weight, which no division could
+# undo, sends the sum to column blocks of a reweighted copy)
+@pytest.mark.parametrize("path", ["in_place", "blocks"])
 @pytest.mark.parametrize("shape", [(300, 6), (70, 3, 6)])  # several row chunks; T > 1 rows per sample
-def test_linear_weighted_batch_sum_in_row_chunks_is_the_reweighted_sum(shape):
+def test_linear_weighted_batch_sum_is_the_reweighted_sum_and_leaves_g_as_it_was(shape, path, monkeypatch):
     from fastdd.grad.rules import LinearRule
 
     torch.manual_seed(0)
-    m = nn.Linear(6, 4).double()
+    m = nn.Linear(6, 40).double()
     x = torch.randn(*shape, dtype=torch.float64)
-    g = torch.randn(*shape[:-1], 4, dtype=torch.float64)
+    g = torch.randn(*shape[:-1], 40, dtype=torch.float64)
     w = torch.rand(shape[0], dtype=torch.float64)
+    w[::3] = 1.0  # unclipped samples
+    if path == "blocks":
+        w[1] = 0.0
+    g_before = g.clone()
+    gemms = _count_gemms(monkeypatch)
     got = LinearRule().batch_sum(m, x, g, scale=0.5, weights=w)
-    gw = g * w.view(-1, *[1] * (g.dim() - 1))
+    assert len(gemms) == (1 if path == "in_place" else 3)  # (40 columns: blocks of 16)
+    gw = g_before * w.view(-1, *[1] * (g.dim() - 1))
     expected_w = 0.5 * torch.einsum("...p,...d->pd", gw, x)
     torch.testing.assert_close(got["weight"], expected_w, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(got["bias"], 0.5 * gw.reshape(-1, 4).sum(0), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got["bias"], 0.5 * gw.reshape(-1, 40).sum(0), atol=1e-12, rtol=1e-12)
+    # the captured gradient is as it was: exactly for unit weights (and off the in-place path),
+    # within an ulp where a weight scaled it and a division put it back
+    assert torch.equal(g[::3], g_before[::3])
+    if path == "blocks":
+        assert torch.equal(g, g_before)
+    torch.testing.assert_close(g, g_before, atol=0, rtol=2 * torch.finfo(torch.float64).eps)
+
+
+@pytest.mark.parametrize("bad", [0.0, float("inf"), float("nan"), -1.0, 1e-30, 1e30])
+def test_weighted_sums_never_scale_in_place_what_a_division_cannot_undo(bad):
+    from fastdd.grad.rules import _rows_scaled_in_place
+
+    g = torch.randn(5, 3)
+    w = torch.rand(5) + 0.5
+    w[2] = bad
+    with _rows_scaled_in_place(g, w, g) as scaled:
+        assert not scaled
+    half = g.bfloat16()  # an ulp of bf16 is 0.4%: a captured bf16 G is never scaled in place
+    with _rows_scaled_in_place(half, torch.rand(5) + 0.5, half) as scaled:
+        assert not scaled
+    own = half.float()  # a conversion the rule made is its own to scale, and stays scaled
+    with _rows_scaled_in_place(own, torch.full((5,), 0.5), half) as scaled:
+        assert scaled and torch.equal(own, half.float() * 0.5)
+    assert torch.equal(own, half.float() * 0.5)
+
+
+def test_rows_scaled_in_place_are_put_back_when_the_block_raises():
+    from fastdd.grad.rules import _rows_scaled_in_place
+
+    torch.manual_seed(0)
+    g = torch.randn(6, 2, 3)
+    before = g.clone()
+    with pytest.raises(KeyError), _rows_scaled_in_place(g, torch.rand(6) + 0.1, g) as scaled:
+        assert scaled and not torch.equal(g, before)
+        raise KeyError("a failure inside the block")
+    torch.testing.assert_close(g, before, atol=0, rtol=2 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_weighted_batch_sum_is_the_reweighted_sum_and_leaves_g_as_it_was(dtype):
+    from fastdd.grad.rules import ConvRule
+
+    torch.manual_seed(0)
+    m = nn.Conv2d(3, 4, 3, padding=1).to(dtype)
+    x = torch.randn(5, 3, 6, 6).to(dtype)
+    g = torch.randn(5, 4, 6, 6).to(dtype)
+    w = torch.rand(5) + 0.05
+    g_before = g.clone()
+    got = ConvRule().batch_sum(m, x, g, scale=2.0, weights=w)
+    gw = (g_before.double() * w.double().view(-1, 1, 1, 1))
+    expected = torch.nn.grad.conv2d_weight(x.double(), m.weight.shape, gw, padding=1)
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.15, rtol=0.03)
+    torch.testing.assert_close(got["weight"].double(), 2.0 * expected, **tol)
+    torch.testing.assert_close(got["bias"].double(), 2.0 * gw.sum((0, 2, 3)), **tol)
+    if dtype == torch.bfloat16:
+        assert torch.equal(g, g_before)  # a copy, never an in-place bf16 round trip
+    else:
+        torch.testing.assert_close(g, g_before, atol=0, rtol=2 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("kind", ["convs", "tokens"])
+def test_consumers_after_a_clipped_sum_read_the_step_as_before(kind):
+    model, x, y = _problem(kind)
+    with fastdd.PerSampleGrads(model, param_grads=False) as ps:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        norms, grads = ps.norms(), ps.grads()
+        ps.clipped_grad(0.05, write_grad=True)  # most samples clipped
+        torch.testing.assert_close(ps.norms(), norms, atol=0, rtol=1e-6)
+        again = ps.grads()
+    for n in grads:
+        torch.testing.assert_close(again[n], grads[n], atol=1e-7, rtol=1e-6, msg=n)
 
 
 def test_a_float64_step_without_parameter_gradients_is_exact():

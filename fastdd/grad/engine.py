@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .._chunking import budget_bytes, chunks, rows_per_chunk
 from . import buffers
 from .per_sample_linear import acc, acc_dtype
-from .rules import LinearRule, Rule, _sample_chunks, rule_for, uses_batch_statistics
+from .rules import LinearRule, Rule, _sample_chunks, own_numel, rule_for, uses_batch_statistics
 
 
 # --------------------------------------------------------------------------- capture
@@ -491,7 +491,7 @@ class _RuleSource:
                 return _weighted(self.formed, weights * self.scale)
             local = None if not into else {k: into[f] for k, f in self.names.items() if f in into}
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, self.g, chunk_size, out=local,
-                                                  weights=weights * self.scale))
+                                                  scale=self.scale, weights=weights))
 
     def row_sums(self, rows: slice, factor: float, chunk_size):
         """``factor * sum_{i in rows} g_i``: the rule's batch sum over those rows, scaled once
@@ -516,8 +516,7 @@ def _fits(numel: int, dtype: torch.dtype) -> bool:
 def _worth_forming(rule: Rule, m: nn.Module, x: torch.Tensor, g: torch.Tensor) -> bool:
     """Whether a rule layer's per-sample gradients are worth forming and holding: its norms form
     them anyway and the whole batch's fit the chunk budget."""
-    numel = sum(p.numel() for p in m.parameters(recurse=False))
-    return rule.norms_materialize(m, x, g) and _fits(g.shape[0] * numel, g.dtype)
+    return rule.norms_materialize(m, x, g) and _fits(g.shape[0] * own_numel(m), g.dtype)
 
 
 def _weighted(grads: dict, weights: torch.Tensor) -> dict:
