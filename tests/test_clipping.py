@@ -380,6 +380,40 @@ def test_conv_weighted_batch_sum_is_the_reweighted_sum_and_leaves_g_as_it_was(dt
         torch.testing.assert_close(g, g_before, atol=0, rtol=2 * torch.finfo(dtype).eps)
 
 
+class SharedGradients(nn.Module):
+    """Layers whose output gradients share memory: a sum hands both Linears the same gradient
+    tensor, and a residual hands the trunk's gradient on to the layer before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 6), nn.Linear(5, 6)
+        self.res = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.a(x) + self.b(x)
+        h = h + self.res(torch.tanh(h))
+        return self.head(h)
+
+
+@pytest.mark.parametrize("param_grads", [True, False])
+def test_clipping_layers_whose_output_gradients_share_memory(param_grads):
+    torch.manual_seed(0)
+    model, x, y = SharedGradients().double(), torch.randn(9, 5, dtype=torch.float64) + 3.0, torch.randint(0, 3, (9,))
+    expected, norms = _reference(model, x, y, 0.5)
+    assert (norms > 0.5).sum() >= 3  # most samples clipped: their rows are scaled and put back
+    with fastdd.PerSampleGrads(model, loss_reduction="sum", param_grads=param_grads) as ps:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        before = ps.norms()
+        got = ps.clipped_grad(0.5, write_grad=True)
+        after = ps.norms()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], expected[n], atol=1e-12, rtol=1e-10, msg=n)
+        assert torch.equal(p.grad, got[n])
+    torch.testing.assert_close(after, before, atol=0, rtol=1e-14)
+
+
 @pytest.mark.parametrize("kind", ["convs", "tokens"])
 def test_consumers_after_a_clipped_sum_read_the_step_as_before(kind):
     model, x, y = _problem(kind)
