@@ -29,8 +29,12 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def acc(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in its accumulation dtype (see :func:`acc_dtype`)."""
-    return t.to(acc_dtype(t))
+    """``t`` in its accumulation dtype (see :func:`acc_dtype`): ``t`` itself when it is already
+    (checked here: a no-op ``.to`` still costs a dispatch, several per layer and step)."""
+    return t if t.dtype in _ACC_DTYPES else t.to(acc_dtype(t))
+
+
+_ACC_DTYPES = (torch.float32, torch.float64)
 
 
 def _pick(device: torch.device, dtype: torch.dtype, triton_first: bool = True) -> str:

@@ -156,6 +156,15 @@ class LinearRule(Rule):
         B = x.shape[0]
         return x.reshape(B, -1, m.in_features), g.reshape(B, -1, m.out_features)
 
+    @staticmethod
+    def _rows(m, x, g):
+        """``(A [B*T, d], G [B*T, p], T)``: every (sample, position) row, sample by sample; a
+        ``[B, d]`` call as it is (no reshapes to dispatch on every step of a training loop)."""
+        if x.dim() == 2 and g.dim() == 2:
+            return x, g, 1
+        A, G = x.reshape(-1, m.in_features), g.reshape(-1, m.out_features)
+        return A, G, A.shape[0] // max(x.shape[0], 1)
+
     def materialize(self, m, x, g, out=None):
         A, G = self._btd(m, x, g)
         buf = None if out is None else out.get("weight")
@@ -165,32 +174,32 @@ class LinearRule(Rule):
         return res
 
     def sq_norms(self, m, x, g, chunk_size=None):
-        A, G = self._btd(m, x, g)
-        if A.shape[1] == 1 and A.device.type == "cpu":
+        A, G, T = self._rows(m, x, g)
+        if T == 1 and A.device.type == "cpu":
             # ||g a^T||^2 = ||a||^2 ||g||^2 and the bias's ||g||^2: two reductions without a squared
             # copy (on a CPU the copies' fresh pages cost more than the sums: 1.1 ms of the MLP's
             # clipped step)
-            g_sq = torch.linalg.vector_norm(acc(G[:, 0]), dim=1).square()
-            res = {"weight": torch.linalg.vector_norm(acc(A[:, 0]), dim=1).square().mul_(g_sq)}
+            g_sq = torch.linalg.vector_norm(acc(G), dim=1).square_()
+            res = {"weight": torch.linalg.vector_norm(acc(A), dim=1).square_().mul_(g_sq)}
             if m.bias is not None:
                 res["bias"] = g_sq
             return res
+        A, G = self._btd(m, x, g)
         res = {"weight": psg_linear_sqnorm(A, G, chunk_size)}
         if m.bias is not None:
             res["bias"] = acc(G).sum(1).square().sum(1)
         return res
 
     def norms_materialize(self, m, x, g):
-        A, _ = self._btd(m, x, g)
-        return A.shape[1] > 1 and not gram_is_cheaper(A.shape[1], m.in_features, m.out_features)
+        T = self._rows(m, x, g)[2]
+        return T > 1 and not gram_is_cheaper(T, m.in_features, m.out_features)
 
     def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0, weights=None):
         # one GEMM over all (sample, t) rows, as the layer's own weight gradient (into out's .grad
         # where it is offered in the accumulation dtype: no second weight-sized tensor), scaled by
         # the GEMM itself (alpha) rather than a pass over its result
-        A, G = self._btd(m, x, g)
-        T = A.shape[1]
-        A, G = acc(A.reshape(-1, m.in_features)), acc(G.reshape(-1, m.out_features))
+        A, G, T = self._rows(m, x, g)
+        A, G = acc(A), acc(G)
         buf = None if out is None else out.get("weight")
         if buf is None or buf.dtype != A.dtype or not buf.is_contiguous():
             buf = A.new_empty((m.out_features, m.in_features))
