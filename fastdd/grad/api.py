@@ -314,7 +314,8 @@ class PerSampleGrads:
     ``loss_reduction`` says how the loss reduced its per-sample terms: ``"mean"``
     (gradients are scaled by B to undo the 1/B) or ``"sum"``. A loss that scales
     samples otherwise scales the statistics alike. A forward after a backward starts
-    a new step; ``clear()`` forgets the recorded step. Parameters served by the
+    a new step and lets go of the last one: between steps the context holds one step's layer
+    inputs and output gradients (``clear()`` lets go of them sooner). Parameters served by the
     ``torch.func`` fallback re-run their module per sample, with fresh dropout masks
     in training mode. Hooks are removed on exit; ``.grad`` is the user's as usual.
 
