@@ -462,3 +462,38 @@ def test_group_norm_reuses_the_forwards_statistics(monkeypatch, dtype, offset):
     inst = nn.Sequential(nn.InstanceNorm2d(2, affine=True), nn.Flatten(), nn.Linear(2 * 7 * 7, 4)).to(dtype)
     with torch.enable_grad():
         assert rules._GroupStatsRule.saved_stats(rules.rule_for(inst[0]), inst[0], x, inst[0](x)) is None
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_group_norm_in_bfloat16_converts_a_chunk_of_samples_at_a_time(monkeypatch, norm):
+    """A bf16 batch's per-sample GroupNorm/InstanceNorm gradients equal the fp32 computation on the
+    same values, and no fp32 tensor the size of the whole batch's activation is ever made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastdd.grad import rules
+
+    torch.manual_seed(0)
+    layer = nn.GroupNorm(4, 8) if norm == "group" else nn.InstanceNorm2d(8, affine=True)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    x = (torch.randn(64, 8, 16, 16) * 3 + 2).bfloat16()  # uncentred
+    g = torch.randn(64, 8, 16, 16).bfloat16()
+    rule = rules.rule_for(layer)
+    monkeypatch.setattr(rules, "_norm_chunks", lambda t: [slice(i, i + 5) for i in range(0, t.shape[0], 5)])
+    sizes = []
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float32:
+                sizes.append(out.numel())
+            return out
+
+    with Largest():
+        got = rule.materialize(layer.bfloat16(), x, g)
+    assert max(sizes) <= 5 * x[0].numel()  # a chunk's worth, never the batch's
+    expected = rule.materialize(layer.float(), x.float(), g.float())
+    for name in ("weight", "bias"):
+        assert got[name].dtype == torch.bfloat16
+        assert_close(got[name].float(), expected[name], name=name, atol=0.02, rtol=0.01)

@@ -521,23 +521,33 @@ class _GroupStatsRule(_AffineNormRule):
         if groups is None or getattr(m, "weight", None) is None:
             return super().materialize(m, x, g, out)
         B, C = x.shape[0], x.shape[1]
-        xs, gs = acc(self.split(m, x)), acc(self.split(m, g))  # [B, C, S]
-        S = xs.shape[2]
-        if stats is None:  # torch's own statistics kernel, a chunk of samples at a time (its
-            # normalized output is discarded; var_mean is 15x slower on a CPU)
-            parts = [torch.native_group_norm(xs[s], None, None, xs[s].shape[0], C, S, groups, m.eps)[1:]
-                     for s in _norm_chunks(x)]
-            stats = (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
-        mean, rstd = (t.to(xs.dtype).reshape(1, B * groups) for t in stats)
-        # torch's GroupNorm backward over the batch seen as one sample of B*C channels in B*groups
-        # groups: its weight and bias gradients are then each sample's own, from one fused pass
-        # over x and g (3x faster on a CPU than a dot and a sum per chunk)
-        _, weight, bias = torch.ops.aten.native_group_norm_backward(
-            gs.reshape(1, B * C, S), xs.reshape(1, B * C, S), mean, rstd, xs.new_ones(B * C), 1, B * C, S,
-            B * groups, [False, True, True])
-        res = {"weight": weight.view(B, C).to(g.dtype)}
+        xs, gs = self.split(m, x), self.split(m, g)  # [B, C, S]
+        # a batch in half precision is converted a chunk of samples at a time (no fp32 copy of the
+        # whole activation and output gradient); an fp32/float64 one goes through in one pass
+        converts = xs.dtype != acc_dtype(xs) or gs.dtype != acc_dtype(gs)
+        weight = xs.new_empty((B, C), dtype=acc_dtype(xs))
+        bias = torch.empty_like(weight)
+        for s in (_norm_chunks(x) if converts else [slice(0, B)]):
+            xc, gc = acc(xs[s]), acc(gs[s])
+            n, S = xc.shape[0], xc.shape[2]
+            if stats is None:  # torch's own statistics kernel, a cache-sized chunk of samples at a time
+                # (its normalized output is discarded; var_mean is 15x slower on a CPU)
+                parts = [torch.native_group_norm(xc[c], None, None, xc[c].shape[0], C, S, groups, m.eps)[1:]
+                         for c in (_norm_chunks(xc) if not converts else [slice(0, n)])]
+                mean, rstd = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            else:
+                mean, rstd = stats[0][s], stats[1][s]
+            mean, rstd = mean.to(xc.dtype).reshape(1, n * groups), rstd.to(xc.dtype).reshape(1, n * groups)
+            # torch's GroupNorm backward over the chunk seen as one sample of n*C channels in
+            # n*groups groups: its weight and bias gradients are then each sample's own, from one
+            # fused pass over x and g (3x faster on a CPU than a dot and a sum per chunk)
+            _, w, bi = torch.ops.aten.native_group_norm_backward(
+                gc.reshape(1, n * C, S), xc.reshape(1, n * C, S), mean, rstd, xc.new_ones(n * C), 1, n * C, S,
+                n * groups, [False, True, True])
+            weight[s], bias[s] = w.view(n, C), bi.view(n, C)
+        res = {"weight": weight.to(g.dtype)}
         if getattr(m, "bias", None) is not None:
-            res["bias"] = bias.view(B, C).to(g.dtype)
+            res["bias"] = bias.to(g.dtype)
         return res
 
 
