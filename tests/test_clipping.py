@@ -414,6 +414,53 @@ def test_clipping_layers_whose_output_gradients_share_memory(param_grads):
     torch.testing.assert_close(after, before, atol=0, rtol=1e-14)
 
 
+@pytest.mark.parametrize("how", ["backward_gradient", "kept_by_a_hook"])
+def test_an_output_gradient_the_user_holds_is_never_scaled_in_place(how, monkeypatch):
+    """``out.backward(gradient)`` hands the last layer the user's own tensor as its output gradient,
+    and a tensor hook may keep it: clipping must leave it bitwise as it was, and clip as well."""
+    import fastdd.grad.rules as rules
+
+    import contextlib
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
+    x = torch.randn(40, 6) + 2.0
+    scaled_in_place = []
+    real = rules._rows_scaled_in_place
+
+    @contextlib.contextmanager
+    def spy(*args):
+        with real(*args) as scaled:
+            scaled_in_place.append(scaled)
+            yield scaled
+
+    monkeypatch.setattr(rules, "_rows_scaled_in_place", spy)
+    with fastdd.PerSampleGrads(model, loss_reduction="sum", param_grads=False) as ps:
+        F.cross_entropy(model(x), torch.randint(0, 5, (40,)), reduction="sum").backward()
+        ps.clipped_grad(0.3)
+        assert scaled_in_place == [True, True]  # an ordinary step: both layers' G are autograd's own
+        scaled_in_place.clear()
+        out = model(x)
+        user = torch.randn(40, 5)
+        kept = []
+        if how == "backward_gradient":
+            out.backward(user)
+        else:
+            out.register_hook(lambda g: kept.append(g))
+            (out * user).sum().backward()
+            user = kept[0]
+        before = user.clone()
+        norms = ps.norms()
+        assert (norms > 0.3).sum() > 30  # nearly every row scaled
+        got = ps.clipped_grad(0.3)
+    assert torch.equal(user, before)
+    assert scaled_in_place == [True, False]  # the first layer's G is autograd's; the last one's, the user's
+    ref = vmap_per_sample_grads(model, x, user, loss_fn=lambda o, u: (o * u).sum(-1))
+    factors = (0.3 / (norms.double() + 1e-6)).clamp(max=1.0)
+    for n, g in ref.items():
+        torch.testing.assert_close(got[n].double(), torch.tensordot(factors, g.double(), dims=1), atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["convs", "tokens"])
 def test_consumers_after_a_clipped_sum_read_the_step_as_before(kind):
     model, x, y = _problem(kind)

@@ -17,6 +17,7 @@ The model is left as it was: hooks removed, ``.grad`` untouched, train/eval mode
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 import weakref
 from collections import Counter
@@ -66,6 +67,10 @@ class _Call:
     formed: dict | None = None  # per-sample gradients formed in the backward (eager capture), unscaled
     params_lent: bool = False  # its parameters ran detached: the graph has no edges to them
     stats: tuple | None = None  # the forward's per-sample statistics a rule reuses (GroupNorm's mean, rstd)
+    # per edge: whether something outside autograd also held the output gradient when it arrived (a
+    # tensor the user passed to backward(gradient=...), or kept from a hook of theirs): a weighted
+    # sum must then not scale it in place, even for a moment
+    grads_shared: list = field(default_factory=list)
 
     @property
     def x(self) -> torch.Tensor:
@@ -185,6 +190,8 @@ class _Capture:
         ]
 
     def __enter__(self):
+        if self.grad_hooks:
+            _private_grad_refs()  # measured now: the backward's hooks compare against it
         for m in self.owned:
             if m is self.model:
                 continue
@@ -281,6 +288,9 @@ class _Capture:
             if call is None:  # a backward through a forward the capture has forgotten
                 return
             g = grad_outputs[output_nr]
+            if g is not None and sys.getrefcount(g) > _PRIVATE_GRAD_REFS:
+                call.grads_shared = call.grads_shared or [False] * len(call.grads)
+                call.grads_shared[j] = True
             call.grads[j] = g
             self.backward_seen = True
             if self.eager and g is not None:
@@ -389,9 +399,11 @@ class _RuleSource:
     than the rule itself (20 ms of the DC ConvNet's clipped step at 28x28).
     """
 
-    def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor | None, scale: float = 1.0):
+    def __init__(self, call: _Call, rule: Rule, names: dict[str, str], g: torch.Tensor | None, scale: float = 1.0,
+                 shared: bool = False):
         self.call, self.rule, self.names, self.g = call, rule, names, g  # names: local -> full
         self.scale = scale
+        self.shared = shared  # g is also held outside autograd: never scaled in place
         # per-sample gradients (unscaled) formed in the backward (eager capture) or for the norms
         # (sq_norms with keep): every consumer then reads them
         self.formed = None if call.formed is None else self._pick(call.formed)
@@ -491,7 +503,7 @@ class _RuleSource:
                 return _weighted(self.formed, weights * self.scale)
             local = None if not into else {k: into[f] for k, f in self.names.items() if f in into}
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x, self.g, chunk_size, out=local,
-                                                  scale=self.scale, weights=weights))
+                                                  scale=self.scale, weights=weights, g_shared=self.shared))
 
     def row_sums(self, rows: slice, factor: float, chunk_size):
         """``factor * sum_{i in rows} g_i``: the rule's batch sum over those rows, scaled once
@@ -501,6 +513,30 @@ class _RuleSource:
                 return {f: acc(t[rows]).sum(0) * (factor * self.scale) for f, t in self.formed.items()}
             return self._pick(self.rule.batch_sum(self.call.module, self.call.x[rows], self.g[rows], chunk_size,
                                                   scale=factor * self.scale))
+
+
+def _private_grad_refs() -> int:
+    """The Python references an output gradient that only autograd holds has inside a node
+    pre-hook (the hook's argument tuple, its local, ``getrefcount``'s argument, the caller's),
+    measured once on a gradient autograd made itself: this torch's count, whatever its version."""
+    global _PRIVATE_GRAD_REFS
+    if _PRIVATE_GRAD_REFS is None:
+        counts = []
+
+        def hook(grad_outputs):
+            g = grad_outputs[0]
+            counts.append(sys.getrefcount(g))
+
+        with torch.enable_grad():
+            leaf = torch.ones(2, requires_grad=True)
+            out = leaf * 2.0
+            out.grad_fn.register_prehook(hook)
+            (out * out).sum().backward()  # the gradient reaching out's node: a fresh product, autograd's own
+        _PRIVATE_GRAD_REFS = counts[0]
+    return _PRIVATE_GRAD_REFS
+
+
+_PRIVATE_GRAD_REFS: int | None = None
 
 
 def _stats_kw(call: _Call, s=slice(None)) -> dict:
@@ -749,7 +785,8 @@ class _Engine:
                 if not names or (call.formed is None and all(g is None for g in call.grads)):
                     continue
                 if call.use_rule:
-                    src = _RuleSource(call, capture.rules[call.module], names, call.grads[0], scale)
+                    src = _RuleSource(call, capture.rules[call.module], names, call.grads[0], scale,
+                                      shared=bool(call.grads_shared and call.grads_shared[0]))
                 else:
                     src = _FuncSource(call, names, self.selected, _scaled(call.grads, scale), capture,
                                       capture.module_names[call.module])

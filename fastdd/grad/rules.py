@@ -61,12 +61,13 @@ class Rule:
         return True
 
     def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0,
-                  weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                  weights: torch.Tensor | None = None, g_shared: bool = False) -> dict[str, torch.Tensor]:
         """``scale`` times the sum over the batch of the per-sample gradients, each weighted by
         ``weights [B]`` where given (a clipped gradient), in the accumulation dtype; ``out`` may offer
-        tensors ``{name: shape of the parameter}`` to write into (rules that can, do)."""
+        tensors ``{name: shape of the parameter}`` to write into (rules that can, do). ``g_shared``:
+        ``g`` is also held outside autograd (never scaled in place, not even for a moment)."""
         one_class = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-        with _weighting(g, weights) as gw:
+        with _weighting(g, weights, g_shared) as gw:
             return {k: v[0] * scale for k, v in self.class_sums(m, x, gw, one_class, 1, chunk_size).items()}
 
     def class_sums(self, m, x, g, labels, num_classes, chunk_size=None) -> dict[str, torch.Tensor]:
@@ -80,14 +81,14 @@ class Rule:
 
 
 @contextlib.contextmanager
-def _weighting(g: torch.Tensor, weights: torch.Tensor | None):
+def _weighting(g: torch.Tensor, weights: torch.Tensor | None, g_shared: bool = False):
     """The captured output gradient ``g [B, ...]`` with sample i's entries scaled by ``weights[i]``
     while the block runs: ``g`` itself where no weights, scaled in place where that is safe (see
     :func:`_rows_scaled_in_place`), else a reweighted copy."""
     if weights is None:
         yield g
         return
-    with _rows_scaled_in_place(g, weights, g) as scaled:
+    with _rows_scaled_in_place(g, weights, g, g_shared) as scaled:
         yield g if scaled else g * weights.to(g.dtype).view(-1, *[1] * (g.dim() - 1))
 
 
@@ -95,18 +96,20 @@ _UNDOABLE = (2.0 ** -60, 2.0 ** 60)  # weights an in-place scaling may take and 
 
 
 @contextlib.contextmanager
-def _rows_scaled_in_place(t: torch.Tensor, weights: torch.Tensor, captured: torch.Tensor):
+def _rows_scaled_in_place(t: torch.Tensor, weights: torch.Tensor, captured: torch.Tensor,
+                          captured_shared: bool = False):
     """While the block runs, sample i's entries of ``t`` (``[B, ...]``, or ``[B * T, ...]`` with each
     sample's T rows together) are multiplied by ``weights[i]``; after it, where ``t`` shares memory with
     the ``captured`` output gradient, they are divided back (``g * w / w``: within an ulp), so a weighted
     sum needs no reweighted copy of an activation-sized tensor. Yields False and changes nothing where
     that is not safe: off the CPU (the checks would wait on a device), ``t`` not contiguous (entries
-    sharing memory) or in a graph, a captured tensor in half precision (an ulp of bf16 is 0.4%), or a
-    weight outside ``[2^-60, 2^60]`` (zero, negative, infinite or NaN: the division could not undo it)."""
+    sharing memory) or in a graph, a captured tensor in half precision (an ulp of bf16 is 0.4%) or
+    held outside autograd too (``captured_shared``: the user's own tensor), or a weight outside
+    ``[2^-60, 2^60]`` (zero, negative, infinite or NaN: the division could not undo it)."""
     shared = t.untyped_storage().data_ptr() == captured.untyped_storage().data_ptr()
     ok = t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad and t.numel() > 0
     w = weights.to(t.dtype)
-    if ok and shared and t.dtype in (torch.float32, torch.float64):
+    if ok and shared and t.dtype in (torch.float32, torch.float64) and not captured_shared:
         # within 2^+-60 neither g * w nor its division leaves the normal range for any g that is
         # not already negligible (NaN compares false)
         low, high = torch.aminmax(w)
@@ -194,7 +197,7 @@ class LinearRule(Rule):
         T = self._rows(m, x, g)[2]
         return T > 1 and not gram_is_cheaper(T, m.in_features, m.out_features)
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0, weights=None):
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0, weights=None, g_shared=False):
         # one GEMM over all (sample, t) rows, as the layer's own weight gradient (into out's .grad
         # where it is offered in the accumulation dtype: no second weight-sized tensor), scaled by
         # the GEMM itself (alpha) rather than a pass over its result
@@ -209,7 +212,7 @@ class LinearRule(Rule):
                 res["bias"] = G.sum(0) if scale == 1.0 else G.sum(0).mul_(scale)
             return res
         res = {"weight": buf}
-        with _rows_scaled_in_place(G, weights, g) as scaled:
+        with _rows_scaled_in_place(G, weights, g, g_shared) as scaled:
             if scaled:  # one GEMM, as the layer's own weight gradient (8 column blocks cost the MLP's
                 # clipped step 0.5 ms on this CPU)
                 torch.addmm(buf, G.T, A, beta=0, alpha=scale, out=buf)
@@ -356,9 +359,9 @@ class ConvRule(Rule):
             total = total + acc(g.flatten(2)).sum(2) @ acc(vectors["bias"]).T
         return total
 
-    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0, weights=None):
+    def batch_sum(self, m, x, g, chunk_size=None, out=None, scale: float = 1.0, weights=None, g_shared=False):
         # one convolution backward for the weight, as the layer's own weight gradient
-        with _weighting(g, weights) as gw:
+        with _weighting(g, weights, g_shared) as gw:
             res = {"weight": acc(_conv_weight_grad(m, x, gw, groups_per_sample=False))}
             if m.bias is not None:
                 res["bias"] = acc(gw.flatten(2)).sum((0, 2))
