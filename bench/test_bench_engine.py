@@ -71,3 +71,30 @@ def test_clipped_step(benchmark, workload, method):
     benchmark(step)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())  # it stepped
+
+
+@pytest.mark.parametrize("path", ["in_place", "column_blocks", "torch_copy", "unweighted"])
+def test_weighted_sum(benchmark, path):
+    """A clipped step's per-layer op, sum_i w_i g_i a_i^T, on the MLP's first layer (784 -> 512, B=256):
+    the rule scaling G's rows in place and back (the default on a CPU), its column blocks of a
+    reweighted copy (G held outside autograd, or off the CPU), torch on a whole reweighted copy, and
+    the unweighted GEMM (a plain step's weight gradient, the floor)."""
+    from torch import nn
+
+    from fastdd.grad.rules import LinearRule
+
+    benchmark.group = "weighted sum: Linear 784 -> 512, B=256"
+    g = torch.Generator().manual_seed(0)
+    m = nn.Linear(784, 512).to(DEVICE)
+    A = torch.randn(256, 784, generator=g).to(DEVICE)
+    G = torch.randn(256, 512, generator=g).to(DEVICE)
+    w = (torch.rand(256, generator=g) + 0.05).to(DEVICE)
+    rule = LinearRule()
+    if path == "torch_copy":
+        fn = lambda: {"weight": (G * w[:, None]).T @ A}  # noqa: E731
+    else:
+        weights = None if path == "unweighted" else w
+        fn = lambda: rule.batch_sum(m, A, G, weights=weights, g_shared=path == "column_blocks")  # noqa: E731
+    got = benchmark(_sync(fn))["weight"]
+    expected = (G * w[:, None]).T @ A if path != "unweighted" else G.T @ A
+    torch.testing.assert_close(got, expected, atol=1e-3, rtol=1e-4)
