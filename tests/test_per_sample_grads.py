@@ -300,6 +300,24 @@ def test_a_training_loop_frees_each_step_without_the_garbage_collector(param_gra
     assert len(gone) > 8 and all(gone)
 
 
+@pytest.mark.parametrize("mode", ["inference_mode", "no_grad"])
+def test_context_entered_without_grad_mode(monkeypatch, mode):
+    """Entering the context measures, once, how many references autograd's own output gradient has
+    inside a hook; under inference_mode or no_grad that measurement still runs (and nothing is recorded)."""
+    from fastdd.grad import engine
+
+    monkeypatch.setattr(engine, "_PRIVATE_GRAD_REFS", None)  # measured on the next entry
+    model, x, y, _ = build("mlp")
+    with getattr(torch, mode)():
+        with fastdd.PerSampleGrads(model) as ps:
+            model(x)
+            assert ps._capture.calls == []  # no graph, nothing recorded
+    assert isinstance(engine._PRIVATE_GRAD_REFS, int) and engine._PRIVATE_GRAD_REFS >= 2
+    with fastdd.PerSampleGrads(model) as ps:  # and a step afterwards as usual
+        F.cross_entropy(model(x), y).backward()
+        assert ps.norms().shape == (x.shape[0],)
+
+
 def test_context_manager_requires_backward():
     model, x, y, _ = build("mlp")
     with fastdd.PerSampleGrads(model) as ps:

@@ -527,7 +527,7 @@ def _private_grad_refs() -> int:
             g = grad_outputs[0]
             counts.append(sys.getrefcount(g))
 
-        with torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad():  # (entered under no_grad or inference_mode too)
             leaf = torch.ones(2, requires_grad=True)
             out = leaf * 2.0
             out.grad_fn.register_prehook(hook)
