@@ -461,6 +461,26 @@ def test_an_output_gradient_the_user_holds_is_never_scaled_in_place(how, monkeyp
         torch.testing.assert_close(got[n].double(), torch.tensordot(factors, g.double(), dims=1), atol=1e-5, rtol=1e-4)
 
 
+def test_where_autograd_references_cannot_be_measured_every_gradient_counts_as_shared(monkeypatch):
+    from fastdd.grad import engine
+
+    def refuse(*a, **k):
+        raise RuntimeError("no such measurement here")
+
+    monkeypatch.setattr(engine, "_PRIVATE_GRAD_REFS", None)
+    with monkeypatch.context() as m:
+        m.setattr(torch, "ones", refuse)
+        assert engine._private_grad_refs() == 0
+    model, x, y = _problem("tied")
+    expected, _ = _reference(model, x, y, 0.5)
+    with fastdd.PerSampleGrads(model, loss_reduction="sum", param_grads=False) as ps:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        assert all(c.grads_shared == [True] for c in ps._capture.calls if c.grads[0] is not None)
+        got = ps.clipped_grad(0.5)
+    for n in expected:
+        torch.testing.assert_close(got[n].double(), expected[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("kind", ["convs", "tokens"])
 def test_consumers_after_a_clipped_sum_read_the_step_as_before(kind):
     model, x, y = _problem(kind)
