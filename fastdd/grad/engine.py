@@ -67,10 +67,10 @@ class _Call:
     formed: dict | None = None  # per-sample gradients formed in the backward (eager capture), unscaled
     params_lent: bool = False  # its parameters ran detached: the graph has no edges to them
     stats: tuple | None = None  # the forward's per-sample statistics a rule reuses (GroupNorm's mean, rstd)
-    # per edge: whether something outside autograd also held the output gradient when it arrived (a
-    # tensor the user passed to backward(gradient=...), or kept from a hook of theirs): a weighted
-    # sum must then not scale it in place, even for a moment
-    grads_shared: list = field(default_factory=list)
+    # the edges whose output gradient something outside autograd also held when it arrived (a tensor
+    # the user passed to backward(gradient=...), or kept from a hook of theirs): a weighted sum must
+    # then not scale it in place, even for a moment
+    grads_shared: set = field(default_factory=set)
 
     @property
     def x(self) -> torch.Tensor:
@@ -289,8 +289,7 @@ class _Capture:
                 return
             g = grad_outputs[output_nr]
             if g is not None and sys.getrefcount(g) > _PRIVATE_GRAD_REFS:
-                call.grads_shared = call.grads_shared or [False] * len(call.grads)
-                call.grads_shared[j] = True
+                call.grads_shared.add(j)
             call.grads[j] = g
             self.backward_seen = True
             if self.eager and g is not None:
@@ -476,10 +475,10 @@ class _RuleSource:
         (``n m (d + p)`` flops, no per-sample gradient); None for other layers."""
         if self.formed is not None or not isinstance(self.rule, LinearRule):
             return None
-        A, G = LinearRule._btd(self.call.module, self.call.x, self.g)
-        if A.shape[1] != 1:
+        A, G, T = LinearRule._rows(self.call.module, self.call.x, self.g)
+        if T != 1:
             return None
-        A, G = acc(A[:, 0]), acc(G[:, 0])
+        A, G = acc(A), acc(G)
         m = len(G) - n
         local = set(self.names)
         with torch.no_grad():
@@ -789,7 +788,7 @@ class _Engine:
                     continue
                 if call.use_rule:
                     src = _RuleSource(call, capture.rules[call.module], names, call.grads[0], scale,
-                                      shared=bool(call.grads_shared and call.grads_shared[0]))
+                                      shared=0 in call.grads_shared)
                 else:
                     src = _FuncSource(call, names, self.selected, _scaled(call.grads, scale), capture,
                                       capture.module_names[call.module])

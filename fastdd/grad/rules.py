@@ -109,13 +109,12 @@ def _rows_scaled_in_place(t: torch.Tensor, weights: torch.Tensor, captured: torc
     shared = t.untyped_storage().data_ptr() == captured.untyped_storage().data_ptr()
     ok = t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad and t.numel() > 0
     w = weights.to(t.dtype)
-    if ok and shared and t.dtype in (torch.float32, torch.float64) and not captured_shared:
-        # within 2^+-60 neither g * w nor its division leaves the normal range for any g that is
-        # not already negligible (NaN compares false)
-        low, high = torch.aminmax(w)
-        ok = _UNDOABLE[0] <= low.item() and high.item() <= _UNDOABLE[1]
-    elif shared:
-        ok = False
+    if ok and shared:  # the division must put g back, and nobody else may see it scaled
+        ok = t.dtype in (torch.float32, torch.float64) and not captured_shared
+        if ok:  # within 2^+-60 neither g * w nor its division leaves the normal range for any g that
+            # is not already negligible (NaN compares false)
+            low, high = torch.aminmax(w)
+            ok = _UNDOABLE[0] <= low.item() and high.item() <= _UNDOABLE[1]
     if not ok:
         yield False
         return
